@@ -1,0 +1,105 @@
+"""The public Python API: load a model by name or path, save it as a Hugging Face directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from hanlin.checkpoints.registry import resolve
+from hanlin.config import ModelConfig
+from hanlin.errors import HanlinError
+from hanlin.models import Transformer
+from hanlin.models.quantized import quantize_int8
+
+QUANTIZE_SCHEMES = (None, "int8")
+
+if TYPE_CHECKING:
+    from hanlin.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    source: str
+    load_seconds: float = 0.0
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    quantize: str | None = None,
+) -> LoadedModel:
+    """Loads "smollm2" (the embedded default), a Hugging Face directory or a .gguf file.
+
+    quantize="int8" stores linear weights as int8 per output channel (4x fewer bytes per token).
+    """
+    from hanlin.checkpoints.gguf import load_gguf
+    from hanlin.checkpoints.hf import load_hf_directory
+    from hanlin.tokenizer import Tokenizer
+
+    if quantize not in QUANTIZE_SCHEMES:
+        raise HanlinError(f"unknown quantization {quantize!r} (choose from: {', '.join(str(q) for q in QUANTIZE_SCHEMES)})")
+    start = time.perf_counter()
+    path = resolve(name_or_path)
+    with _progress_bar(progress, f"loading {path.name}") as report:
+        if path.is_dir():
+            config, model = load_hf_directory(path, device=device, dtype=dtype)
+            tokenizer = Tokenizer.from_file(path)
+        else:
+            config, model, meta = load_gguf(path, device=device, dtype=dtype, progress=report)
+            tokenizer = Tokenizer.from_gguf_metadata(meta)
+    if quantize == "int8":
+        quantize_int8(model)
+    return LoadedModel(config, model, tokenizer, str(path), time.perf_counter() - start)
+
+
+def save(loaded: LoadedModel, directory: str | Path) -> None:
+    """Writes config.json, model.safetensors and the tokenizer files that transformers loads."""
+    from hanlin.checkpoints.hf import save_hf_directory
+
+    directory = Path(directory)
+    save_hf_directory(loaded.config, loaded.model, directory)
+    loaded.tokenizer.save(directory)
+
+
+class _progress_bar:
+    """A rich progress bar on stderr (only when asked and stderr is a terminal)."""
+
+    def __init__(self, enabled: bool, description: str) -> None:
+        import sys
+
+        self.enabled = enabled and sys.stderr.isatty()
+        self.description = description
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=None)
+        return self.report
+
+    def report(self, done: int, total: int) -> None:
+        assert self.progress is not None
+        self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()

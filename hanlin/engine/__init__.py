@@ -1,0 +1,1 @@
+"""Serving engine: sampling now; scheduler, runner and paged KV cache as they land."""

@@ -1,0 +1,39 @@
+"""Optional compiled CPU kernels, built once with torch.utils.cpp_extension; pure-PyTorch fallbacks otherwise."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+SOURCE_DIR = Path(__file__).parent
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+@functools.cache
+def int8_kernel() -> ModuleType | None:
+    """The compiled int8 linear kernel, or None (no AVX2/compiler, or HANLIN_NO_KERNELS=1)."""
+    if os.environ.get("HANLIN_NO_KERNELS") == "1" or not _cpu_has_avx2_fma():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="hanlin_int8_linear",
+            sources=[str(SOURCE_DIR / "int8_linear.cpp")],
+            extra_cflags=["-O3", "-mavx2", "-mfma"],
+            verbose=False,
+        )
+    except Exception as error:  # a missing compiler or headers must never stop inference
+        log.warning("int8 kernel unavailable, using the PyTorch fallback: %s", error)
+        return None

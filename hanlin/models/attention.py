@@ -1,0 +1,100 @@
+"""Grouped-query attention with optional q/k/v bias, QK-norm, sliding window and cross-layer K/V sharing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hanlin.config import ModelConfig
+from hanlin.models.kv_cache import KVCache
+from hanlin.models.layers import RMSNorm
+from hanlin.models.rope import apply_rope
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.owns_kv = config.owns_kv(layer)
+        self.kv_layer = config.kv_layer(layer)
+        self.clip_qkv = config.clip_qkv
+        self.qk_norm_after_rope = config.qk_norm_after_rope
+        q_dim = config.num_heads * config.head_dim
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.q_dim, self.kv_dim = q_dim, kv_dim
+        # Layers that own their K/V project q, k and v in one matmul; CLA layers only project q.
+        out_dim = q_dim + 2 * kv_dim if self.owns_kv else q_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, out_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=config.attention_out_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if self.owns_kv else None
+        elif config.qk_norm == "proj":
+            self.q_norm = RMSNorm(q_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_dim, config.rms_norm_eps) if self.owns_kv else None
+
+    def _norm(self, norm: nn.Module | None, x_BHTD: torch.Tensor) -> torch.Tensor:
+        return x_BHTD if norm is None else norm(x_BHTD)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTD: torch.Tensor,
+        sin_BTD: torch.Tensor,
+        mask_BQS: torch.Tensor | None,
+        cache: KVCache | None,
+        shared_kv: KV | None,
+    ) -> tuple[torch.Tensor, KV]:
+        B, T, _ = x_BTD.shape
+        qkv = self.qkv_proj(x_BTD)
+        q = qkv[..., : self.q_dim]
+        if self.qk_norm == "proj":
+            q = self.q_norm(q)
+        if self.clip_qkv is not None:  # OLMoE clips after the projection norm
+            q = q.clamp(-self.clip_qkv, self.clip_qkv)
+        q_BHTD = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
+            q_BHTD = self.q_norm(q_BHTD)
+        q_BHTD = apply_rope(q_BHTD, cos_BTD, sin_BTD)
+        if self.qk_norm == "head" and self.qk_norm_after_rope:
+            q_BHTD = self.q_norm(q_BHTD)
+
+        if self.owns_kv:
+            k = qkv[..., self.q_dim : self.q_dim + self.kv_dim]
+            v = qkv[..., self.q_dim + self.kv_dim :]
+            if self.qk_norm == "proj":
+                k = self.k_norm(k)
+            if self.clip_qkv is not None:
+                k, v = k.clamp(-self.clip_qkv, self.clip_qkv), v.clamp(-self.clip_qkv, self.clip_qkv)
+            k_BHTD = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v_BHTD = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            if self.qk_norm == "head" and not self.qk_norm_after_rope:
+                k_BHTD = self.k_norm(k_BHTD)
+            k_BHTD = apply_rope(k_BHTD, cos_BTD, sin_BTD)
+            if self.qk_norm == "head" and self.qk_norm_after_rope:
+                k_BHTD = self.k_norm(k_BHTD)
+            if cache is not None:
+                cache.write(self.kv_layer, k_BHTD, v_BHTD)
+                k_BHTD, v_BHTD = cache.read(self.kv_layer, T)
+            kv = (k_BHTD, v_BHTD)
+        else:
+            assert shared_kv is not None, "a cross-layer-attention layer needs the previous layer's K/V"
+            kv = shared_kv
+
+        k_BHSD, v_BHSD = kv
+        if mask_BQS is None:
+            # No padding and no cache: plain causal attention. With a cache and T == 1, every key is visible.
+            causal = T > 1 and k_BHSD.shape[2] == T
+            out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=causal, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(
+                q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_BQS[:, None], enable_gqa=True
+            )
+        out_BTD = out.transpose(1, 2).reshape(B, T, self.q_dim)
+        return self.o_proj(out_BTD), kv
