@@ -47,7 +47,7 @@ def load(
     from hanlin.tokenizer import Tokenizer
 
     if quantize not in QUANTIZE_SCHEMES:
-        raise HanlinError(f"unknown quantization {quantize!r} (choose from: {', '.join(str(q) for q in QUANTIZE_SCHEMES)})")
+        raise HanlinError(f"unknown quantization {quantize!r}: use int8, or leave it unset for fp32 weights")
     start = time.perf_counter()
     path = resolve(name_or_path)
     with _progress_bar(progress, f"loading {path.name}") as report:
@@ -60,6 +60,19 @@ def load(
     if quantize == "int8":
         quantize_int8(model)
     return LoadedModel(config, model, tokenizer, str(path), time.perf_counter() - start)
+
+
+def load_config(name_or_path: str | Path) -> tuple[ModelConfig, str]:
+    """(config, resolved path) of a model without reading its weights."""
+    from hanlin.checkpoints.gguf import config_from_gguf, open_gguf
+    from hanlin.checkpoints.gguf_metadata import read_gguf_metadata
+    from hanlin.checkpoints.hf import read_hf_config
+
+    path = resolve(name_or_path)
+    if path.is_dir():
+        return read_hf_config(path), str(path)
+    reader = open_gguf(path)
+    return config_from_gguf(read_gguf_metadata(reader), {t.name for t in reader.tensors}, path), str(path)
 
 
 def save(loaded: LoadedModel, directory: str | Path) -> None:

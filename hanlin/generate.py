@@ -101,7 +101,7 @@ def generate_stream(loaded: LoadedModel, prompt_ids: list[int], params: Sampling
             if hit:
                 finish_reason, stop = "stop", stop_checker.matched
                 break
-            if len(output_ids) >= params.max_tokens or cache.length >= cache.max_length:
+            if len(output_ids) >= params.max_tokens or len(prompt_ids) + len(output_ids) >= context:
                 break
             input_ids = torch.tensor([[token]], device=device)
 

@@ -9,18 +9,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from hanlin.chat_template import compile_chat_template
 from hanlin.errors import ChatTemplateError, CheckpointError, UnsupportedModelError
 
 # Tokens that end a turn or a document in the chat formats we know; they stop generation when the
@@ -229,7 +226,7 @@ class Tokenizer:
             raise ChatTemplateError("this model has no chat template; pass plain text prompts instead")
         specials = {name: getattr(self, name) for name in _SPECIAL_TOKEN_NAMES if getattr(self, name) is not None}
         variables = {**specials, **extra}
-        compiled = _compile_template(template)
+        compiled = compile_chat_template(template)
         try:
             text = compiled.render(
                 messages=messages, tools=tools, documents=variables.pop("documents", None),
@@ -373,44 +370,3 @@ def _gguf_byte_level_backend(meta: dict[str, Any], spec: PreTokenizerSpec) -> tu
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in kinds if kind == _CONTROL])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in kinds if kind == _USER_DEFINED])
     return backend, spelled
-
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}…{% endgeneration %}` marks assistant text for training masks; renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-@lru_cache(maxsize=1)
-def _template_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationBlock]
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
-    return environment
-
-
-@lru_cache(maxsize=32)
-def _compile_template(source: str) -> jinja2.Template:
-    try:
-        return _template_environment().from_string(source)
-    except jinja2.TemplateError as error:
-        raise ChatTemplateError(f"the chat template does not parse: {error}") from None

@@ -22,6 +22,7 @@ def cli_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HANLIN_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONWARNINGS"] = "ignore"
+    env["OMP_NUM_THREADS"] = "1"  # tests run two CLI processes at once; oversubscribed threads stall each other
     return {**env, **overrides}
 
 
@@ -66,30 +67,32 @@ PROMPT = "Name three colours."
 
 
 @needs_embedded_model
-def test_generate_json_is_reproducible_with_a_seed() -> None:
-    first, second = run_together(*[("generate", PROMPT, "--seed", "0", "--max-tokens", "16", "--json")] * 2)
-    for result in (first, second):
-        assert_ok(result)
-    a, b = json.loads(first.stdout), json.loads(second.stdout)
-    assert a["text"].strip()
-    assert a["finish_reason"] in {"stop", "length"}
-    assert 1 <= a["completion_tokens"] <= 16 and len(a["token_ids"]) == a["completion_tokens"]
-    assert a["prompt_tokens"] > 0
-    assert a["timings"]["decode_tokens_per_second"] > 0 or a["completion_tokens"] == 1
-    assert (a["text"], a["token_ids"]) == (b["text"], b["token_ids"])
+def test_generate_is_reproducible_with_a_seed() -> None:
+    as_json, streamed = run_together(
+        ("generate", PROMPT, "--seed", "0", "--max-tokens", "16", "--json"),
+        ("generate", PROMPT, "--seed", "0", "--max-tokens", "16"),
+    )
+    assert_ok(as_json)
+    assert_ok(streamed)
+    data = json.loads(as_json.stdout)
+    assert data["text"].strip()
+    assert data["finish_reason"] in {"stop", "length"}
+    assert 1 <= data["completion_tokens"] <= 16 and len(data["token_ids"]) == data["completion_tokens"]
+    assert data["prompt_tokens"] > 0
+    assert set(data["timings"]) >= {"prefill_tokens_per_second", "decode_tokens_per_second"}
+    assert streamed.stdout.strip() == data["text"].strip()  # same seed, same text; streaming loses nothing
 
 
 @needs_embedded_model
 def test_greedy_is_deterministic_and_options_come_from_env_vars() -> None:
     by_flags = start("generate", PROMPT, "--temperature", "0", "--max-tokens", "16", "--json")
     by_env = start("generate", PROMPT, HANLIN_TEMPERATURE="0", HANLIN_MAX_TOKENS="16", HANLIN_JSON="1")
-    plain = start("generate", PROMPT, "--temperature", "0", "--max-tokens", "16")
-    flags_result, env_result, plain_result = finish(by_flags), finish(by_env), finish(plain)
-    for result in (flags_result, env_result, plain_result):
-        assert_ok(result)
+    flags_result, env_result = finish(by_flags), finish(by_env)
+    assert_ok(flags_result)
+    assert_ok(env_result)
     a, b = json.loads(flags_result.stdout), json.loads(env_result.stdout)
-    assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
-    assert plain_result.stdout.strip() == a["text"].strip()  # streamed text equals the JSON text
+    assert a["text"].strip() and a["completion_tokens"] <= 16
+    assert (a["text"], a["token_ids"]) == (b["text"], b["token_ids"])
 
 
 @needs_embedded_model
@@ -126,7 +129,6 @@ def test_user_errors_print_one_clean_line(tmp_path: Path) -> None:
         "truncated": ("generate", "hi", "--model", str(tmp_path / "truncated.gguf")),
         "not a known model": ("info", "no-such-model"),
         "--top-p": ("generate", "hi", "--top-p", "2"),
-        "--temperature": ("chat", "--temperature", "-1"),
     }
     results = run_together(*cases.values())
     results.append(run("generate", "hi", HANLIN_MIN_P="1.5"))

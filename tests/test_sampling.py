@@ -48,7 +48,7 @@ def test_top_k_one_is_greedy() -> None:
 
 
 def test_seeded_sampling_is_reproducible() -> None:
-    logits = random_logits(1)
+    logits = random_logits(1) / 3
     params = SamplingParams(temperature=1.0, seed=7)
     first = [int(sample(logits, [params], [g])[0]) for g in [make_generator(7)] for _ in range(20)]
     second = [int(sample(logits, [params], [g])[0]) for g in [make_generator(7)] for _ in range(20)]
@@ -72,6 +72,14 @@ def test_seeded_row_is_independent_of_batch_composition() -> None:
         return [int(sample(logits, params, generators)[2]) for _ in range(30)]
 
     assert run_alone() == run_in_batch()
+
+
+def test_sampling_frequencies_match_probabilities() -> None:
+    logits = random_logits(1)[0] / 3
+    draws = 20000
+    tokens = sample(logits.expand(draws, -1), [SamplingParams()] * draws, [make_generator(0)] * draws)
+    frequencies = torch.bincount(tokens, minlength=V) / draws
+    assert (frequencies - logits.softmax(dim=-1)).abs().max() < 0.01
 
 
 def test_mixed_batch_greedy_rows_use_argmax() -> None:
@@ -109,6 +117,17 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     assert draw_many(logits, SamplingParams(top_p=0.3)) == {3}  # the best token is always kept
     filtered = probabilities(logits[None], [SamplingParams(top_p=0.7)])[0]
     assert torch.allclose(filtered, torch.tensor([1 / 3, 0, 0, 2 / 3, 0]))
+
+
+def test_top_p_falls_back_to_a_full_sort_when_candidates_miss_the_nucleus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hanlin.engine.sampling as sampling
+
+    logits = random_logits(4, seed=3) / 4  # flat: the 0.95 nucleus needs many tokens
+    params = [SamplingParams(top_p=0.95), SamplingParams(top_p=0.5), SamplingParams(top_p=0.1), SamplingParams()]
+    expected = probabilities(logits, params)
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 3)
+    assert torch.equal(probabilities(logits, params), expected)
+    assert int((expected[0] > 0).sum()) > 3
 
 
 def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:

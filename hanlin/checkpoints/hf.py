@@ -114,13 +114,13 @@ def hf_parts(config: ModelConfig, key: str, shape: tuple[int, ...]) -> list[Part
 class _Weights:
     """Every tensor of a checkpoint's safetensors files, found by canonical name and read on demand."""
 
-    def __init__(self, directory: Path, family: str, device: torch.device, dtype: torch.dtype) -> None:
-        self.family, self.device, self.dtype = family, device, dtype
+    def __init__(self, directory: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.config, self.family, self.device, self.dtype = config, hf_family(config), device, dtype
         self.files = _weight_files(directory)
         self._stack = ExitStack()
         self._where: dict[str, tuple[Path, Any, str]] = {}
         self._used: set[str] = set()
-        self._fused: tuple[str, torch.Tensor] | None = None
+        self._fused: dict[str, torch.Tensor] = {}  # the current layer's stacked expert tensors
         for file in self.files:
             try:
                 handle = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
@@ -167,13 +167,13 @@ class _Weights:
         fused = f"layers.{layer}.mlp.experts.{'down_proj' if kind == 'down' else 'gate_up_proj'}"
         if fused not in self._where:
             return None
-        if self._fused is None or self._fused[0] != fused:
-            count = int(self._where[fused][1].get_slice(self._where[fused][2]).get_shape()[0])
+        if fused not in self._fused:
+            assert self.config.moe is not None
+            count = self.config.moe.num_experts
             stacked = (count, *shape) if kind == "down" else (count, 2 * shape[0], *shape[1:])
-            self._fused = (fused, self.read(fused, stacked))
-        tensor = self._fused[1]
-        if expert >= tensor.shape[0]:
-            return None
+            self._fused = {n: t for n, t in self._fused.items() if n.startswith(f"layers.{layer}.")}
+            self._fused[fused] = self.read(fused, stacked)
+        tensor = self._fused[fused]
         rows = shape[0]
         part = {"gate": tensor[expert, :rows], "up": tensor[expert, rows:], "down": tensor[expert]}[kind]
         return part.clone()
@@ -234,7 +234,7 @@ def load_hf_directory(
     config = read_hf_config(directory)
     target = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
-    weights = _Weights(directory, hf_family(config), target, dtype)
+    weights = _Weights(directory, config, target, dtype)
     try:
         state = _read_state(weights, config)
         _refuse_unused(weights, config)

@@ -145,7 +145,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelC
             attention_bias=qkv_bias,
             attention_out_bias=out_bias,
             qk_norm=qk_norm,
-            qk_norm_after_rope=model_type in HUNYUAN_FAMILIES,
+            qk_norm_after_rope=qk_norm == "head" and model_type in HUNYUAN_FAMILIES,
             clip_qkv=keys.get("clip_qkv", None) if model_type == "olmoe" else None,
             sliding_window=_sliding_window(keys, num_layers),
             rope=_rope_from_hf(keys, max_positions),

