@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -25,6 +26,8 @@ def int8_kernel() -> ModuleType | None:
     """The compiled int8 linear kernel, or None (no AVX2/compiler, or HANLIN_NO_KERNELS=1)."""
     if os.environ.get("HANLIN_NO_KERNELS") == "1" or not _cpu_has_avx2_fma():
         return None
+    # The ninja that pip installs lives beside the interpreter, which need not be on PATH (a venv not activated).
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     try:
         from torch.utils.cpp_extension import load
 
