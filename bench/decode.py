@@ -37,8 +37,7 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
 
 
-def hanlin_runner(quantize: str | None, prompt_ids: list[int], tokens: int) -> Callable[[], float]:
-    loaded = hanlin.load("smollm2", quantize=quantize)
+def hanlin_runner(loaded: hanlin.LoadedModel, prompt_ids: list[int], tokens: int) -> Callable[[], float]:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
 
     def run() -> float:
@@ -108,11 +107,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    tokenizer = hanlin.load("smollm2").tokenizer
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
-    runners: dict[str, Callable[[], float]] = {"hanlin fp32": hanlin_runner(None, prompt_ids, args.tokens)}
+    fp32 = hanlin.load("smollm2")
+    prompt_ids = fp32.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
+    runners: dict[str, Callable[[], float]] = {"hanlin fp32": hanlin_runner(fp32, prompt_ids, args.tokens)}
     if "int8" not in args.skip:
-        runners["hanlin int8"] = hanlin_runner("int8", prompt_ids, args.tokens)
+        runners["hanlin int8"] = hanlin_runner(hanlin.load("smollm2", quantize="int8"), prompt_ids, args.tokens)
     if "hf" not in args.skip:
         runners["transformers fp32 eager"] = transformers_runner(prompt_ids, args.tokens)
     if "llama.cpp" not in args.skip:

@@ -64,15 +64,13 @@ def load(
 
 def load_config(name_or_path: str | Path) -> tuple[ModelConfig, str]:
     """(config, resolved path) of a model without reading its weights."""
-    from hanlin.checkpoints.gguf import config_from_gguf, open_gguf
-    from hanlin.checkpoints.gguf_metadata import read_gguf_metadata
+    from hanlin.checkpoints.gguf import read_gguf_config
     from hanlin.checkpoints.hf import read_hf_config
 
     path = resolve(name_or_path)
     if path.is_dir():
         return read_hf_config(path), str(path)
-    reader = open_gguf(path)
-    return config_from_gguf(read_gguf_metadata(reader), {t.name for t in reader.tensors}, path), str(path)
+    return read_gguf_config(path)[0], str(path)
 
 
 def save(loaded: LoadedModel, directory: str | Path) -> None:

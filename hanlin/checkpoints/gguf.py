@@ -156,6 +156,14 @@ def _hanlin_tensors(config: ModelConfig, arrays: dict[str, np.ndarray], permuted
     return out
 
 
+def read_gguf_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any], Any]:
+    """(config, metadata, reader) of a GGUF file, without dequantizing any tensor."""
+    path = Path(path)
+    reader = open_gguf(path)
+    meta = read_gguf_metadata(reader)
+    return config_from_gguf(meta, {t.name for t in reader.tensors}, path), meta, reader
+
+
 def load_gguf(
     path: str | Path,
     *,
@@ -167,10 +175,8 @@ def load_gguf(
     from gguf.quants import dequantize
 
     path = Path(path)
-    reader = open_gguf(path)
-    meta = read_gguf_metadata(reader)
+    config, meta, reader = read_gguf_config(path)
     tensors = {t.name: t for t in reader.tensors}
-    config = config_from_gguf(meta, set(tensors), path)
     _, permuted = SUPPORTED_ARCHITECTURES[meta["general.architecture"]]
     arrays: dict[str, np.ndarray] = {}
     for done, (name, tensor) in enumerate(tensors.items(), 1):

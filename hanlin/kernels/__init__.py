@@ -26,8 +26,10 @@ def int8_kernel() -> ModuleType | None:
     """The compiled int8 linear kernel, or None (no AVX2/compiler, or HANLIN_NO_KERNELS=1)."""
     if os.environ.get("HANLIN_NO_KERNELS") == "1" or not _cpu_has_avx2_fma():
         return None
-    # The ninja that pip installs lives beside the interpreter, which need not be on PATH (a venv not activated).
-    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    # The ninja that pip installs lives beside the interpreter, which need not be on PATH (a venv not
+    # activated); widen PATH only while building, not for the rest of the user's process.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
     try:
         from torch.utils.cpp_extension import load
 
@@ -40,3 +42,5 @@ def int8_kernel() -> ModuleType | None:
     except Exception as error:  # a missing compiler or headers must never stop inference
         log.warning("int8 kernel unavailable, using the PyTorch fallback: %s", error)
         return None
+    finally:
+        os.environ["PATH"] = path
