@@ -6,6 +6,7 @@ metadata (byte-level BPE only, split the way llama.cpp splits for the file's `to
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ def _byte_alphabet() -> dict[int, str]:
     for shift, byte in enumerate(b for b in range(256) if b not in table):
         table[byte] = chr(256 + shift)
     return table
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    return {char: byte for byte, char in _byte_alphabet().items()}
 
 
 class Tokenizer:
@@ -200,6 +206,21 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (a byte-level BPE token may hold part of a character)."""
+        piece = self.id_to_token(token_id)
+        if piece is not None and token_id not in self.special_token_ids and self._byte_level:
+            byte_of = _byte_decoder()
+            if all(c in byte_of for c in piece):
+                return bytes(byte_of[c] for c in piece)
+        return self.decode([token_id]).encode("utf-8")
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+        return "ByteLevel" in kinds
 
     # ---- text ---------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 import hanlin
 from hanlin.checkpoints.gguf import load_gguf
 from hanlin.errors import CheckpointError, UnsupportedModelError
-from hanlin.models import KVCache
+from hanlin.llm import LLM
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -57,13 +57,7 @@ def test_embedded_greedy_continuation_matches_transformers(smollm2, hf_smollm2) 
         expected = hf_smollm2.generate(
             torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=2
         )[0, len(prompt) :].tolist()
-        cache = KVCache(smollm2.config, 1, len(prompt) + 20)
-        logits = smollm2.model(torch.tensor([prompt]), cache=cache, last_logits_only=True)
-        ours = []
-        for _ in range(20):
-            token = int(logits[0, -1].argmax())
-            ours.append(token)
-            logits = smollm2.model(torch.tensor([[token]]), cache=cache)
+    ours = LLM.from_loaded(smollm2).generate([prompt], max_tokens=20, temperature=0.0, ignore_eos=True)[0].token_ids
     assert ours == expected
 
 

@@ -29,10 +29,16 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → value added to its logit
+    logprobs: int | None = None  # None: off; k: each token's logprob plus the k most likely alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def changes_logits(self) -> bool:
+        return self.has_penalties or bool(self.logit_bias)
 
     @property
     def has_penalties(self) -> bool:
@@ -63,6 +69,11 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        for token, bias in self.logit_bias.items():
+            if token < 0 or not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias maps token ids >= 0 to values in [-100, 100], got {token}: {bias}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
 
 
 def _require_finite(params: SamplingParams, *names: str) -> None:
@@ -96,9 +107,7 @@ def sample(
     B = logits_BV.shape[0]
     if len(params) != B or len(generators) != B:
         raise ValueError(f"{B} rows of logits but {len(params)} params and {len(generators)} generators")
-    logits_BV = logits_BV.float()
-    if history is not None and any(p.has_penalties for p in params):
-        logits_BV = apply_penalties(logits_BV, params, history, prompt_lengths)
+    logits_BV = processed_logits(logits_BV, params, history, prompt_lengths)
 
     next_B = logits_BV.argmax(dim=-1)
     sampled_rows = [b for b in range(B) if not params[b].greedy]
@@ -109,6 +118,26 @@ def sample(
     probs_RV = probabilities(logits_BV[rows], row_params)
     next_B[rows] = _draw(probs_RV, [generators[b] for b in sampled_rows])
     return next_B
+
+
+def processed_logits(
+    logits_BV: torch.Tensor,
+    params: Sequence[SamplingParams],
+    history: Sequence[Sequence[int]] | None = None,
+    prompt_lengths: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """fp32 logits with each row's logit_bias added and its penalties applied (a copy when anything changes)."""
+    logits_BV = logits_BV.float()
+    biased_rows = [b for b, p in enumerate(params) if p.logit_bias]
+    if biased_rows:
+        logits_BV = logits_BV.clone()
+        for b in biased_rows:
+            tokens = torch.tensor(list(params[b].logit_bias), device=logits_BV.device)
+            values = torch.tensor(list(params[b].logit_bias.values()), device=logits_BV.device)
+            logits_BV[b].index_add_(0, tokens, values)
+    if history is not None and any(p.has_penalties for p in params):
+        logits_BV = apply_penalties(logits_BV, params, history, prompt_lengths)
+    return logits_BV
 
 
 def apply_penalties(

@@ -6,12 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Protocol
+
 from hanlin.config import ModelConfig
-from hanlin.models.kv_cache import KVCache
 from hanlin.models.layers import RMSNorm
 from hanlin.models.rope import apply_rope
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class KVStore(Protocol):
+    """Where a step's keys and values go and how attention reads them back (the engine's paged cache)."""
+
+    def write(self, kv_layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> None: ...
+
+    def attend(self, kv_layer: int, q_BHTD: torch.Tensor) -> torch.Tensor: ...
 
 
 class Attention(nn.Module):
@@ -45,9 +54,9 @@ class Attention(nn.Module):
         cos_BTD: torch.Tensor,
         sin_BTD: torch.Tensor,
         mask_BQS: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVStore | None,
         shared_kv: KV | None,
-    ) -> tuple[torch.Tensor, KV]:
+    ) -> tuple[torch.Tensor, KV | None]:
         B, T, _ = x_BTD.shape
         qkv = self.qkv_proj(x_BTD)
         q = qkv[..., : self.q_dim]
@@ -78,17 +87,18 @@ class Attention(nn.Module):
                 k_BHTD = self.k_norm(k_BHTD)
             if cache is not None:
                 cache.write(self.kv_layer, k_BHTD, v_BHTD)
-                k_BHTD, v_BHTD = cache.read(self.kv_layer, T)
             kv = (k_BHTD, v_BHTD)
         else:
-            assert shared_kv is not None, "a cross-layer-attention layer needs the previous layer's K/V"
             kv = shared_kv
+
+        if cache is not None:  # cross-layer-attention layers read the K/V their owner wrote this step
+            out_BTD = cache.attend(self.kv_layer, q_BHTD).transpose(1, 2).reshape(B, T, self.q_dim)
+            return self.o_proj(out_BTD), None
+        assert kv is not None, "a cross-layer-attention layer needs the previous layer's K/V"
 
         k_BHSD, v_BHSD = kv
         if mask_BQS is None:
-            # No padding and no cache: plain causal attention. With a cache and T == 1, every key is visible.
-            causal = T > 1 and k_BHSD.shape[2] == T
-            out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=T > 1, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(
                 q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_BQS[:, None], enable_gqa=True

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from hanlin.config import ModelConfig
-from hanlin.models.attention import KV, Attention
-from hanlin.models.kv_cache import KVCache
+from hanlin.models.attention import KV, Attention, KVStore
 from hanlin.models.layers import RMSNorm, SwiGLU
 from hanlin.models.moe import MoE
 from hanlin.models.rope import RotaryEmbedding
@@ -33,9 +32,9 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask_BQS: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVStore | None,
         shared_kv: KV | None,
-    ) -> tuple[torch.Tensor, KV]:
+    ) -> tuple[torch.Tensor, KV | None]:
         attn_out, kv = self.attn(self.input_norm(x_BTD), cos, sin, mask_BQS, cache, shared_kv)
         h = x_BTD + attn_out
         return h + self.mlp(self.post_attn_norm(h)), kv
@@ -70,50 +69,50 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVStore | None = None,
         positions: torch.Tensor | None = None,
-        last_logits_only: bool = False,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V]) for input_ids [B, T].
+        """Logits [B, T, V] for input_ids [B, T] (or [B, R, V] for the R token indices in logit_rows).
 
-        attention_mask [B, past + T] marks real tokens with 1 and padding with 0 (Hugging Face semantics);
-        positions default to the count of real tokens before each one.
+        Without a cache: attention_mask [B, T] marks real tokens with 1 and padding with 0 (Hugging Face
+        semantics) and positions default to the count of real tokens before each one. With the engine's
+        paged cache (a KVStore), input_ids are one packed row of every sequence's new tokens and positions
+        must be given.
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
         if positions is None:
+            if cache is not None:
+                raise ValueError("a forward pass over the paged KV cache needs explicit positions")
             if attention_mask is not None:
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
-                positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+                positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x_BTD = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x_BTD.dtype)
-        mask_BQS = self._attention_mask(attention_mask, B, T, past, x_BTD.device)
+        mask_BQS = None if cache is not None else self._attention_mask(attention_mask, B, T, x_BTD.device)
         kv: KV | None = None
         for block in self.layers:
             x_BTD, kv = block(x_BTD, cos, sin, mask_BQS, cache, kv)
-        if cache is not None:
-            cache.advance(T)
-        if last_logits_only:
-            x_BTD = x_BTD[:, -1:]
+        if logit_rows is not None:
+            x_BTD = x_BTD[:, logit_rows]
         return self.lm_head(self.norm(x_BTD))
 
     def _attention_mask(
-        self, attention_mask: torch.Tensor | None, B: int, T: int, past: int, device: torch.device
+        self, attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device
     ) -> torch.Tensor | None:
-        """Boolean [B, T, past + T] mask (True = may attend), or None when plain causal attention is exact."""
+        """Boolean [B, T, T] mask (True = may attend), or None when plain causal attention is exact."""
         window = self.config.sliding_window
-        S = past + T
-        if attention_mask is None and (past == 0 or T == 1) and (window is None or S <= window):
+        if attention_mask is None and (window is None or T <= window):
             return None
-        q_pos = torch.arange(past, S, device=device)[:, None]
-        k_pos = torch.arange(S, device=device)[None, :]
+        q_pos = torch.arange(T, device=device)[:, None]
+        k_pos = torch.arange(T, device=device)[None, :]
         allowed_QS = k_pos <= q_pos
         if window is not None:
             allowed_QS = allowed_QS & (k_pos > q_pos - window)
-        mask_BQS = allowed_QS.expand(B, T, S)
+        mask_BQS = allowed_QS.expand(B, T, T)
         if attention_mask is not None:
-            mask_BQS = mask_BQS & attention_mask[:, None, :S].bool()
+            mask_BQS = mask_BQS & attention_mask[:, None, :].bool()
             # A padding query sees nothing; let it see itself so attention stays finite.
             mask_BQS = mask_BQS | (k_pos == q_pos)
         return mask_BQS

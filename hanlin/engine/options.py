@@ -1,0 +1,40 @@
+"""Engine settings: built once at the edge (CLI flags, HANLIN_* variables, LLM(**options)) and passed inward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from hanlin.errors import HanlinError
+
+
+@dataclass
+class EngineOptions:
+    model: str = "smollm2"  # a model name, .gguf file or Hugging Face directory
+    device: str | None = None
+    quantize: str | None = None  # None (fp32) or "int8"
+    block_size: int = 16  # tokens per KV block
+    kv_cache_mb: int = 1024  # memory for the paged KV cache (allocated lazily by the OS as blocks are touched)
+    max_num_seqs: int = 64  # sequences decoded together in one step
+    max_batched_tokens: int = 256  # tokens computed per step: prefill chunks share it with decodes
+    max_queued: int = 256  # waiting requests before add_request refuses with QueueFullError
+    max_model_len: int | None = None  # default: the model's context length
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise HanlinError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued < 0:
+            raise HanlinError(f"max_queued must be >= 0, got {self.max_queued}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise HanlinError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> EngineOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise HanlinError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        options = cls(**kwargs)  # type: ignore[arg-type]
+        options.validate()
+        return options

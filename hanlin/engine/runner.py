@@ -1,0 +1,32 @@
+"""Runs one scheduled step through the model: packs the chunks, returns logits of the rows that sample."""
+
+from __future__ import annotations
+
+import torch
+
+from hanlin.engine.kv_cache import PagedKVCache, build_step_kv
+from hanlin.engine.scheduler import ScheduledChunk
+from hanlin.models import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """fp32 logits [R, V], one row per chunk that samples, in chunk order."""
+        token_ids: list[int] = []
+        logit_rows: list[int] = []
+        for chunk in chunks:
+            seq = chunk.seq
+            token_ids.extend(seq.token_at(p) for p in range(chunk.start, chunk.start + chunk.count))
+            if chunk.samples:
+                logit_rows.append(len(token_ids) - 1)
+        step_kv, positions = build_step_kv(self.cache, [(c.seq.block_table, c.start, c.count) for c in chunks])
+        input_ids = torch.tensor([token_ids], device=self.device)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids, cache=step_kv, positions=positions, logit_rows=rows)
+        return logits[0].float()
