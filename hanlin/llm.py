@@ -35,7 +35,8 @@ class Completion:
     prompt_token_ids: list[int]
     choices: list[Choice]
     cached_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from submission to the last token
+    first_token_seconds: float = 0.0  # from submission to the first token
 
     @property
     def text(self) -> str:
@@ -107,6 +108,8 @@ class LLM:
         try:
             while not done:
                 for out in self.engine.step():
+                    if not completion.first_token_seconds and any(d.token_ids for d in out.deltas):
+                        completion.first_token_seconds = time.perf_counter() - start
                     _merge(completion, out)
                     text = "".join(d.text for d in out.deltas)
                     done = out.finished

@@ -46,7 +46,9 @@ class LLMEngine:
         self.model = loaded.model.eval()
         self.model_name = options.model
         device, dtype = _device_and_dtype(self.model)
-        num_blocks = PagedKVCache.num_blocks_for(self.config, options.kv_cache_mb, options.block_size, dtype)
+        num_blocks = options.kv_cache_blocks or PagedKVCache.num_blocks_for(
+            self.config, options.kv_cache_mb, options.block_size, dtype
+        )
         self.cache = PagedKVCache(self.config, num_blocks, options.block_size, dtype=dtype, device=device)
         context = self.config.max_position_embeddings
         # An explicit max_model_len may go past the checkpoint's context (RoPE scaling makes that meaningful).

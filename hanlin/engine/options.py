@@ -14,6 +14,7 @@ class EngineOptions:
     quantize: str | None = None  # None (fp32) or "int8"
     block_size: int = 16  # tokens per KV block
     kv_cache_mb: int = 1024  # memory for the paged KV cache (allocated lazily by the OS as blocks are touched)
+    kv_cache_blocks: int | None = None  # an exact block count instead of kv_cache_mb
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_batched_tokens: int = 256  # tokens computed per step: prefill chunks share it with decodes
     max_queued: int = 256  # waiting requests before add_request refuses with QueueFullError
@@ -24,6 +25,8 @@ class EngineOptions:
         for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens"):
             if getattr(self, name) < 1:
                 raise HanlinError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
+            raise HanlinError(f"kv_cache_blocks must be >= 1, got {self.kv_cache_blocks}")
         if self.max_queued < 0:
             raise HanlinError(f"max_queued must be >= 0, got {self.max_queued}")
         if self.max_model_len is not None and self.max_model_len < 2:
