@@ -1,7 +1,10 @@
-.PHONY: setup chat test bench
+.PHONY: setup serve chat test bench bench-serve
 
 setup:
 	./scripts/setup
+
+serve: setup
+	.venv/bin/hanlin serve
 
 chat: setup
 	.venv/bin/hanlin chat
@@ -13,3 +16,7 @@ test:
 bench:
 	./scripts/setup --test
 	.venv/bin/python bench/decode.py
+
+bench-serve:
+	./scripts/setup --test
+	.venv/bin/python bench/serve.py

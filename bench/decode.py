@@ -20,7 +20,7 @@ import torch
 import hanlin
 from hanlin.checkpoints.registry import embedded_model_path
 from hanlin.engine.sampling import SamplingParams
-from hanlin.generate import generate
+from hanlin.llm import LLM
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -39,9 +39,14 @@ def machine_description() -> str:
 
 def hanlin_runner(loaded: hanlin.LoadedModel, prompt_ids: list[int], tokens: int) -> Callable[[], float]:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm = LLM.from_loaded(loaded, max_num_seqs=1)
 
     def run() -> float:
-        return generate(loaded, prompt_ids, params).timings.decode_tokens_per_second
+        for event in llm.stream(prompt_ids, params):
+            if event.completion is not None:
+                c = event.completion
+                return (len(c.token_ids) - 1) / (c.seconds - c.first_token_seconds)
+        raise AssertionError("the stream ended without a completion")
 
     return run
 

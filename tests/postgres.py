@@ -3,7 +3,7 @@
 `postgres_url` (session fixture): $HANLIN_TEST_POSTGRES_URL if set, else a server started here from the
 binaries in /usr/lib/postgresql/*/bin (run as the `postgres` user when we are root, since initdb refuses
 root), listening on 127.0.0.1 only, stopped and deleted at the end of the session. Without binaries the
-tests that need it are skipped; scripts/start-postgres installs them.
+tests that need it are skipped; scripts/install-test-system-packages installs them.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def postgres_url() -> Iterator[str]:
         return
     bin_dir = find_bin_dir()
     if bin_dir is None:
-        pytest.skip(f"no PostgreSQL binaries in /usr/lib/postgresql/*/bin: run scripts/start-postgres or set {URL_ENV}")
+        pytest.skip(f"no PostgreSQL binaries in /usr/lib/postgresql/*/bin: run scripts/install-test-system-packages or set {URL_ENV}")
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")

@@ -63,8 +63,9 @@ class StepKV:
         for group in self.groups:
             G, S = group.slots_GS.shape
             q_GHQD = q_HND[:, group.rows].unflatten(1, (G, -1)).transpose(0, 1)
-            k_GHSD = k_pool[group.slots_GS.flatten()].view(G, S, *k_pool.shape[1:]).transpose(1, 2)
-            v_GHSD = v_pool[group.slots_GS.flatten()].view(G, S, *v_pool.shape[1:]).transpose(1, 2)
+            slots = group.slots_GS.flatten()
+            k_GHSD = k_pool.index_select(0, slots).view(G, S, *k_pool.shape[1:]).transpose(1, 2)
+            v_GHSD = v_pool.index_select(0, slots).view(G, S, *v_pool.shape[1:]).transpose(1, 2)
             mask = group.mask_GQS[:, None] if group.mask_GQS is not None else None
             out_GHQD = F.scaled_dot_product_attention(
                 q_GHQD, k_GHSD, v_GHSD, attn_mask=mask, is_causal=group.causal, enable_gqa=True
