@@ -16,7 +16,7 @@ from hanlin.errors import HanlinError
 if TYPE_CHECKING:
     from hanlin.api import LoadedModel
     from hanlin.engine.sampling import SamplingParams
-    from hanlin.generate import GenerationResult
+    from hanlin.llm import LLM, Completion
 
 app = typer.Typer(
     name="hanlin",
@@ -70,9 +70,22 @@ def load_model(name: str, device: str | None = None, quantize: str | None = None
     return hanlin.load(name, device=device, quantize=quantize, progress=sys.stderr.isatty())
 
 
-def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, str]]) -> list[int]:
-    text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return loaded.tokenizer.encode(text, add_special_tokens=False)
+def engine_for(loaded: LoadedModel, name: str) -> LLM:
+    from hanlin.llm import LLM
+
+    return LLM.from_loaded(loaded, model=name, max_num_seqs=1)
+
+
+def fit_reply(llm: LLM, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+    """params with max_tokens cut to what the context has left after the prompt."""
+    from dataclasses import replace
+
+    room = llm.engine.max_model_len - len(prompt_ids)
+    if room < 1:
+        raise HanlinError(
+            f"the prompt is {len(prompt_ids)} tokens but the context holds {llm.engine.max_model_len} tokens"
+        )
+    return replace(params, max_tokens=min(params.max_tokens, room))
 
 
 def model_label(loaded: LoadedModel, name: str) -> str:
@@ -108,6 +121,7 @@ def chat(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_tokens,
     )
     loaded = load_model(model, device, quantize)
+    llm = engine_for(loaded, model)
     interactive = sys.stdin.isatty()
     stderr.print(
         f"[bold]{model_label(loaded, model)}[/] · {loaded.config.model_type} · loaded in {loaded.load_seconds:.1f}s · "
@@ -146,8 +160,8 @@ def chat(
 
         messages.append({"role": "user", "content": line})
         try:
-            prompt_ids = chat_prompt_ids(loaded, messages)
-            reply, result = _stream_reply(loaded, prompt_ids, params)
+            prompt_ids = llm.chat_prompt_ids(messages)
+            reply, result = _stream_reply(llm, prompt_ids, fit_reply(llm, prompt_ids, params))
         except HanlinError as error:
             messages.pop()
             hint = " (try /reset)" if "context" in str(error) else ""
@@ -155,8 +169,7 @@ def chat(
             continue
         messages.append({"role": "assistant", "content": reply})
         if result is not None and interactive:
-            t = result.timings
-            stderr.print(f"[dim]{result.completion_tokens} tokens · {t.decode_tokens_per_second:.1f} tok/s · {result.finish_reason}[/]")
+            stderr.print(f"[dim]{_speed_line(result)}[/]")
 
 
 def _initial_messages(system: str | None) -> list[dict[str, str]]:
@@ -176,23 +189,37 @@ def _read_line(interactive: bool) -> str | None:
         return None
 
 
-def _stream_reply(
-    loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams
-) -> tuple[str, GenerationResult | None]:
-    """Print the reply as it streams; Ctrl-C ends it early and keeps what was said so far."""
-    from hanlin.generate import generate_stream
+def _timings(completion: Completion, load_seconds: float) -> dict[str, float]:
+    tokens, prompt = len(completion.token_ids), len(completion.prompt_token_ids)
+    prefill, decode = completion.first_token_seconds, completion.seconds - completion.first_token_seconds
+    return {
+        "load_seconds": load_seconds,
+        "prefill_seconds": prefill,
+        "decode_seconds": decode,
+        "prefill_tokens_per_second": prompt / prefill if prefill > 0 else 0.0,
+        "decode_tokens_per_second": (tokens - 1) / decode if tokens > 1 and decode > 0 else 0.0,
+        "total_seconds": completion.seconds,
+    }
 
+
+def _speed_line(completion: Completion) -> str:
+    rate = _timings(completion, 0.0)["decode_tokens_per_second"]
+    return f"{len(completion.token_ids)} tokens · {rate:.1f} tok/s · {completion.finish_reason}"
+
+
+def _stream_reply(llm: LLM, prompt_ids: list[int], params: SamplingParams) -> tuple[str, Completion | None]:
+    """Print the reply as it streams; Ctrl-C ends it early and keeps what was said so far."""
     pieces: list[str] = []
     result = None
-    stream = generate_stream(loaded, prompt_ids, params)
+    stream = llm.stream(prompt_ids, params)
     try:
         for event in stream:
             if event.text:
                 pieces.append(event.text)
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
-            if event.result is not None:
-                result = event.result
+            if event.completion is not None:
+                result = event.completion
     except KeyboardInterrupt:
         stream.close()
         sys.stdout.write("\n")
@@ -227,42 +254,37 @@ def generate(
     device: Device = None,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout."""
-    from hanlin.generate import generate_stream
-
     params = sampling_params(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_tokens,
         stop=list(stop or []), ignore_eos=ignore_eos,
     )
     loaded = load_model(model, device, quantize)
+    llm = engine_for(loaded, model)
     use_chat = bool(loaded.tokenizer.chat_template) if chat_template is None else chat_template
     if use_chat:
-        prompt_ids = chat_prompt_ids(loaded, _initial_messages(system) + [{"role": "user", "content": prompt}])
+        prompt_ids = llm.chat_prompt_ids(_initial_messages(system) + [{"role": "user", "content": prompt}])
     else:
         prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
 
     result = None
-    for event in generate_stream(loaded, prompt_ids, params):
+    for event in llm.stream(prompt_ids, fit_reply(llm, prompt_ids, params)):
         if event.text and not json_output:
             sys.stdout.write(event.text)
             sys.stdout.flush()
-        if event.result is not None:
-            result = event.result
+        if event.completion is not None:
+            result = event.completion
     assert result is not None
     if json_output:
-        timings = dict(vars(result.timings), load_seconds=loaded.load_seconds)
         print(json.dumps({
             "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "timings": timings,
+            "prompt_tokens": len(result.prompt_token_ids), "completion_tokens": len(result.token_ids),
+            "timings": _timings(result, loaded.load_seconds),
         }, ensure_ascii=False))
         return
     sys.stdout.write("\n")
     if sys.stderr.isatty():
-        t = result.timings
-        stderr.print(
-            f"[dim]{result.prompt_tokens} prompt tokens at {t.prefill_tokens_per_second:.0f} tok/s · "
-            f"{result.completion_tokens} generated at {t.decode_tokens_per_second:.1f} tok/s · {result.finish_reason}[/]"
-        )
+        stderr.print(f"[dim]{len(result.prompt_token_ids)} prompt tokens · {_speed_line(result)}[/]")
 
 
 # ---- info ---------------------------------------------------------------------------------------
@@ -291,6 +313,9 @@ def info(
         table.add_row(label, value)
     stdout.print(table)
 
+
+from hanlin.cli_keys import register as _register_keys; _register_keys(app)  # noqa: E402, E702
+from hanlin.cli_serve import register as _register_serve; _register_serve(app)  # noqa: E402, E702
 
 # ---- entry point --------------------------------------------------------------------------------
 

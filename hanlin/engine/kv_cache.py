@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +22,8 @@ class PagedKVCache:
     ) -> None:
         slots = num_blocks * block_size
         shape = (slots, config.num_kv_heads, config.head_dim)
-        # torch.empty leaves pages untouched, so memory is committed only as blocks get written.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_kv_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_kv_layers)]
+        self.k = [_lazy_zeros(shape, dtype, device) for _ in range(config.num_kv_layers)]
+        self.v = [_lazy_zeros(shape, dtype, device) for _ in range(config.num_kv_layers)]
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.sliding_window = config.sliding_window
@@ -33,6 +33,15 @@ class PagedKVCache:
     def num_blocks_for(config: ModelConfig, megabytes: int, block_size: int, dtype: torch.dtype) -> int:
         bytes_per_token = config.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
         return max(1, megabytes * 2**20 // (bytes_per_token * block_size))
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed, not empty: padded attention reads unwritten slots, and a masked key still multiplies its value
+    by 0, which garbage NaNs would poison. On the CPU, numpy's zeros come from calloc, so the OS commits
+    pages only as blocks get written (torch.zeros would touch the whole pool up front)."""
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16, torch.float64):
+        return torch.from_numpy(np.zeros(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 @dataclass
