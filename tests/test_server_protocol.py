@@ -30,11 +30,10 @@ from hanlin.config import ModelConfig
 from hanlin.engine.async_engine import AsyncEngine
 from hanlin.engine.engine import LLMEngine
 from hanlin.engine.options import EngineOptions
-from hanlin.engine.outputs import InvalidRequestError, QueueFullError, RequestOutput
+from hanlin.engine.outputs import RequestOutput
 from hanlin.engine.sampling import SamplingParams
 from hanlin.metering import MeteringStore
 from hanlin.server import create_app
-from hanlin.server.generation import engine_error
 from hanlin.server.state import ServerState
 from hanlin.tokenizer import Tokenizer
 
@@ -79,36 +78,53 @@ def build_engine(loaded: LoadedModel, **options: Any) -> RecordingEngine:
 
 
 class Forwards:
-    """A forward pre-hook on the model (one forward per engine step): counts them, can make them raise
-    ("boom", as a bug in the model would) or hold them until released."""
+    """A forward pre-hook on the model (one forward per engine step): can make forwards raise ("boom", as a
+    bug in the model would), or pause them so that the test lets the engine through one step at a time."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.calls = 0
+        self.calls = 0  # forwards that ran (or raised)
+        self.arrivals = 0  # forwards that reached the hook
         self.fail_from: int | None = None
-        self.entered = threading.Event()
-        self._open = threading.Event()
-        self._open.set()
+        self._paused = False
+        self._passes = 0
+        self._cond = threading.Condition()
         model.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: Any) -> None:
-        self.entered.set()
-        assert self._open.wait(30), "the test never released the held forward"
-        self.calls += 1
-        if self.fail_from is not None and self.calls >= self.fail_from:
-            raise RuntimeError("boom")
+        with self._cond:
+            self.arrivals += 1
+            self._cond.notify_all()
+            assert self._cond.wait_for(lambda: not self._paused or self._passes > 0, 30), "never let through"
+            if self._paused:
+                self._passes -= 1
+            self.calls += 1
+            if self.fail_from is not None and self.calls >= self.fail_from:
+                raise RuntimeError("boom")
 
     def fail_after(self, steps: int | None) -> None:
         """The next `steps` forwards run; every later one raises (None: none does)."""
         self.fail_from = None if steps is None else self.calls + steps + 1
 
     @contextmanager
-    def held(self) -> Iterator[None]:
-        self.entered.clear()
-        self._open.clear()
+    def paused(self) -> Iterator[None]:
+        """Forwards wait at the hook until let_through() (or the end of the block)."""
+        with self._cond:
+            self._paused, self._passes = True, 0
         try:
             yield
         finally:
-            self._open.set()
+            with self._cond:
+                self._paused = False
+                self._cond.notify_all()
+
+    def let_through(self, count: int = 1) -> None:
+        with self._cond:
+            self._passes += count
+            self._cond.notify_all()
+
+    def wait_for_arrivals(self, count: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.arrivals >= count, 10), f"{self.arrivals} forwards arrived"
 
 
 def greedy(loaded: LoadedModel, prompt: list[int], steps: int) -> list[int]:
@@ -315,14 +331,15 @@ def test_accepted_fields_reach_the_sampling_params(client: TestClient, engine: R
 
 
 def test_defaults_use_the_rest_of_the_context(client: TestClient, engine: RecordingEngine) -> None:
-    response = client.post("/v1/completions", json={"prompt": "abcd"})  # no model, no max_tokens
+    prompt = "abcd" * 14
+    response = client.post("/v1/completions", json={"prompt": prompt})  # no model, no max_tokens
     assert response.status_code == 200
-    assert engine.calls[0][1].max_tokens == MAX_MODEL_LEN - 4
+    left = MAX_MODEL_LEN - len(prompt)
+    assert engine.calls[0][1].max_tokens == left
     body = response.json()
-    assert body["model"] == MODEL and body["usage"]["prompt_tokens"] == 4
+    assert body["model"] == MODEL and body["usage"]["prompt_tokens"] == len(prompt)
     made = body["usage"]["completion_tokens"]
-    assert 1 <= made <= MAX_MODEL_LEN - 4
-    assert body["choices"][0]["finish_reason"] == ("length" if made == MAX_MODEL_LEN - 4 else "stop")
+    assert 1 <= made <= left and body["choices"][0]["finish_reason"] == ("length" if made == left else "stop")
     assert chat(client, top_p=0).status_code == 200 and engine.calls[1][1].temperature == 0.0
 
 
@@ -393,22 +410,33 @@ def test_completions_batch_indexing_and_echo(client: TestClient, engine: Recordi
 # ---- engine refusals and failures ---------------------------------------------------------------
 
 
-def test_a_full_queue_is_429(loaded: LoadedModel, db: MeteringStore) -> None:
-    engine = build_engine(loaded, max_queued=0)  # nothing may wait: every request is one too many
-    with serve(engine, db) as client:
-        response = chat(client)
-        assert response.status_code == 429 and response.headers["retry-after"] == "1"
-        assert response.json()["error"]["code"] == "rate_limit_exceeded"
-        assert len(engine.calls) == 1 and engine.stats().steps == 0
-    assert db.usage_rows() == []  # refused before starting: no usage row
-
-
-def test_retry_after_is_the_engines_estimate_rounded() -> None:
-    # The real engine's estimate is a whole number of seconds (>= 1); the rounding of another is checked here.
-    error = engine_error(QueueFullError("busy", retry_after=2.4))
-    assert (error.status, error.headers, error.code) == (429, {"Retry-After": "2"}, "rate_limit_exceeded")
-    error = engine_error(InvalidRequestError("too many", param="n"))
-    assert (error.status, error.param, error.code) == (400, "n", "invalid_request")
+def test_a_full_queue_is_429_with_the_engines_estimate(loaded: LoadedModel, forwards: Forwards,
+                                                       db: MeteringStore) -> None:
+    engine = build_engine(loaded, max_num_seqs=1, max_queued=2)  # one request runs, two may wait
+    with serve(engine, db) as client, ThreadPoolExecutor(3) as pool:
+        with forwards.paused():
+            running = pool.submit(chat, client, **GREEDY)
+            forwards.wait_for_arrivals(1)  # its prefill waits at the model
+            waiting = [pool.submit(chat, client, **GREEDY) for _ in range(2)]
+            wait_until(lambda: engine.stats().waiting == 2)  # handed to the engine thread, not taken yet
+            forwards.let_through(1)  # the prefill runs; the engine takes both in but has no slot to run them
+            forwards.wait_for_arrivals(2)  # the first decode waits at the model
+            busy = client.get("/metrics").text
+            refused = chat(client)
+        assert [f.result(10).status_code for f in [running, *waiting]] == [200, 200, 200]
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "2"  # 2 waiting / 1 running
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and len(engine.calls) == 4
+        assert "hanlin_requests_waiting 2.0" in busy and "hanlin_requests_running 1.0" in busy
+        blocks = -(-(PROMPT_TOKENS + 1) // BLOCK_SIZE)
+        assert f"hanlin_kv_cache_blocks_used {float(blocks)}" in busy
+        stats = engine.stats()  # the later prompts found the first one's full blocks
+        assert (stats.prefix_cache_hit_tokens, stats.prefix_cache_queried_tokens) == (
+            2 * CACHED_TOKENS, 3 * PROMPT_TOKENS)
+        idle = client.get("/metrics").text
+        assert f"hanlin_prefix_cache_hit_rate {2 * CACHED_TOKENS / (3 * PROMPT_TOKENS)!r}" in idle
+        assert "hanlin_requests_waiting 0.0" in idle and "hanlin_kv_cache_blocks_total 64.0" in idle
+        assert 'hanlin_finished_requests_total{status="length"} 3.0' in idle
+    assert len(db.usage_rows()) == 3  # the refusal wrote none
 
 
 def test_the_engines_own_validation_is_a_400_naming_the_field(db: MeteringStore) -> None:
@@ -497,23 +525,6 @@ def test_small_endpoints(client: TestClient, engine: RecordingEngine) -> None:
     assert client.post("/detokenize", json={"tokens": tokenizer.encode("hi")}).json() == {"prompt": "hi"}
     assert client.get("/nowhere").json()["error"]["code"] == "not_found"
     assert client.put("/v1/models").json()["error"]["code"] == "method_not_allowed"
-
-
-def test_metrics_follow_the_engine(client: TestClient, engine: RecordingEngine, forwards: Forwards) -> None:
-    with ThreadPoolExecutor(2) as pool, forwards.held():
-        first = pool.submit(chat, client, **GREEDY)
-        assert forwards.entered.wait(10)  # the engine is inside the first request's prefill
-        second = pool.submit(chat, client, **GREEDY)
-        wait_until(lambda: engine.stats().waiting == 1)
-        busy = client.get("/metrics").text
-    assert first.result(10).status_code == 200 and second.result(10).status_code == 200
-    assert "hanlin_requests_waiting 1.0" in busy and "hanlin_requests_running 1.0" in busy
-    stats = engine.stats()  # the second prompt found the first one's full blocks
-    assert (stats.prefix_cache_hit_tokens, stats.prefix_cache_queried_tokens) == (CACHED_TOKENS, 2 * PROMPT_TOKENS)
-    idle = client.get("/metrics").text
-    assert f"hanlin_prefix_cache_hit_rate {CACHED_TOKENS / (2 * PROMPT_TOKENS)!r}" in idle
-    assert "hanlin_requests_waiting 0.0" in idle and "hanlin_kv_cache_blocks_total 64.0" in idle
-    assert 'hanlin_finished_requests_total{status="length"} 2.0' in idle
 
 
 def test_health_is_503_while_loading(loaded: LoadedModel, db: MeteringStore) -> None:
