@@ -36,13 +36,13 @@ async def stream_text(client: openai.AsyncOpenAI, question: str) -> tuple[str, s
 
 def test_32_concurrent_streams_complete_and_match_sequential_greedy(live_server: LiveServer) -> None:
     async def together() -> list[tuple[str, str | None]]:
-        async with openai.AsyncOpenAI(base_url=live_server.base_url + "/v1", api_key="none", max_retries=0,
+        async with openai.AsyncOpenAI(base_url=live_server.base_url, api_key="none", max_retries=0,
                                       timeout=600) as client:
             return await asyncio.gather(*(stream_text(client, q) for q in QUESTIONS))
 
     concurrent = asyncio.run(together())
     assert all(finish in {"stop", "length"} for _, finish in concurrent)
-    sync = openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+    sync = openai.OpenAI(base_url=live_server.base_url, api_key="none", max_retries=0, timeout=600)
     sequential = [
         sync.chat.completions.create(model="smollm2", messages=chat(q), max_tokens=8, temperature=0)
         for q in QUESTIONS
@@ -57,10 +57,10 @@ def test_32_concurrent_streams_complete_and_match_sequential_greedy(live_server:
 def test_metrics_show_prefix_cache_hits_and_nothing_left_running(live_server: LiveServer) -> None:
     import httpx
 
-    sync = openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+    sync = openai.OpenAI(base_url=live_server.base_url, api_key="none", max_retries=0, timeout=600)
     for q in QUESTIONS[:2]:
         sync.chat.completions.create(model="smollm2", messages=chat(q), max_tokens=2, temperature=0)
-    text = httpx.get(live_server.base_url + "/metrics").text
+    text = httpx.get(live_server.url + "/metrics").text
     values = {
         line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
         if line and not line.startswith("#")
