@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import socket
 from typing import TYPE_CHECKING, Annotated, Any
@@ -32,6 +33,7 @@ def serve(
     kv_cache_mb: Annotated[int, _option("--kv-cache-mb", env="KV_CACHE_MB", help="Memory for the paged KV cache, in MiB.")] = 1024,
     max_model_len: Annotated[int | None, _option("--max-model-len", env="MAX_MODEL_LEN", help="Context length limit (default: the model's).")] = None,
     prefix_caching: Annotated[bool, _option("--prefix-caching/--no-prefix-caching", env="PREFIX_CACHING", help="Reuse the KV cache of shared prompt prefixes.")] = True,
+    threads: Annotated[int | None, _option("--threads", env="THREADS", help="CPU threads for the model (default: all cores but one, which serves HTTP).")] = None,
     shutdown_timeout: Annotated[float, _option("--shutdown-timeout", env="SHUTDOWN_TIMEOUT", help="Seconds running requests get to finish on SIGTERM before they are aborted.")] = 30.0,
     log_level: Annotated[str, _option("--log-level", env="LOG_LEVEL", help="uvicorn log level (info shows every request).")] = "warning",
 ) -> None:
@@ -44,6 +46,7 @@ def serve(
         model=model, device=device, quantize=quantize, max_num_seqs=max_num_seqs,
         max_batched_tokens=max_batched_tokens, kv_cache_mb=kv_cache_mb, max_queued=max_queued,
         max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
+        threads=threads if threads is not None else max(1, (os.cpu_count() or 2) - 1),
     )
     if shutdown_timeout < 0:
         raise HanlinError(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")

@@ -40,6 +40,8 @@ class LLMEngine:
     def __init__(self, loaded, options: EngineOptions | None = None) -> None:  # loaded: hanlin.api.LoadedModel
         self.options = options = options or EngineOptions()
         options.validate()
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
         self.loaded = loaded
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -20,6 +20,9 @@ class EngineOptions:
     max_queued: int = 256  # waiting requests before add_request refuses with QueueFullError
     max_model_len: int | None = None  # default: the model's context length
     enable_prefix_caching: bool = True
+    # Intra-op CPU threads for the model (process-wide; None keeps torch's default). A server leaves a core
+    # to its HTTP thread: OpenMP workers that must wait for a descheduled peer make every op many times slower.
+    threads: int | None = None
 
     def validate(self) -> None:
         for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens"):
@@ -27,6 +30,8 @@ class EngineOptions:
                 raise HanlinError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise HanlinError(f"kv_cache_blocks must be >= 1, got {self.kv_cache_blocks}")
+        if self.threads is not None and self.threads < 1:
+            raise HanlinError(f"threads must be >= 1, got {self.threads}")
         if self.max_queued < 0:
             raise HanlinError(f"max_queued must be >= 0, got {self.max_queued}")
         if self.max_model_len is not None and self.max_model_len < 2:
