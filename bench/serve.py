@@ -1,7 +1,7 @@
 """Serving benchmark: `hanlin serve` vs llama-cpp-python's OpenAI server on the same GGUF, in one run.
 
-    python bench/serve.py                                   # full run (~10-15 min on 2 cores)
-    python bench/serve.py --quick                           # ~2 min smoke run
+    python bench/serve.py                                   # full run (~10 min on 2 quiet cores)
+    python bench/serve.py --quick                           # ~1 min smoke run
     python bench/serve.py --concurrency 1 4 16 64 --requests 32 --max-tokens 64 --json-out runs/serve.json
     python bench/serve.py --chaos                           # only the disconnect (robustness) run, on Hanlin
     python bench/serve.py --hanlin-url http://127.0.0.1:8011 --skip llama.cpp   # a server already running
@@ -234,13 +234,15 @@ def start_llamacpp(args: argparse.Namespace, workdir: Path, gguf: Path) -> Serve
         import llama_cpp.server.app  # noqa: F401 - only checking that the server extras are installed
     except ImportError as error:
         console.print(f"[yellow]skipping llama.cpp: `llama_cpp.server` cannot be imported ({error}); install its "
-                      f"server extras with `.venv/bin/pip install sse-starlette starlette-context pydantic-settings`[/]")
+                      f"server extras with `.venv/bin/pip install sse-starlette starlette-context "
+                      f"pydantic-settings`[/]")
         return None
     port = free_port()
     threads = str(args.threads)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(args.llamacpp_n_ctx), "--n_threads", threads,
-               "--n_threads_batch", threads, "--n_batch", "512", "--interrupt_requests", "False", "--logits_all", "False",
+               "--n_threads_batch", threads, "--n_batch", "512", "--interrupt_requests", "False",
+               "--logits_all", "False",
                "--verbose", "False", "--seed", str(args.seed), *args.llamacpp_arg]
     log = workdir / "llamacpp.log"
     proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -448,8 +450,9 @@ def report(results: dict[str, Any]) -> None:
     servers = [name for name in (HANLIN, LLAMACPP) if summaries(results, name)]
     for name in servers:
         a = results["info"]["args"]
+        threads = "threads as started" if a["hanlin_url"] or a["llamacpp_url"] else f"{a['threads']} compute thread(s)"
         table = Table(title=f"{name}: closed-loop streaming, {a['max_tokens']} output tokens per request, "
-                            f"{a['threads']} compute thread(s) (times p50 / p90 / p99)")
+                            f"{threads} (times p50 / p90 / p99)")
         for col in ("conc", "ok/req", "err", "req/s", "out tok/s", "tok/CPU-s", "TTFT ms", "ITL ms", "TPOT ms",
                     "E2E s", "load"):
             table.add_column(col, justify="right")
@@ -482,7 +485,7 @@ def report(results: dict[str, Any]) -> None:
             if name == HANLIN and (low, high) == (1, 16):
                 verdict = f"  [{'green' if x >= SCALING_BAR else 'red'}]{'meets' if x >= SCALING_BAR else 'misses'} " \
                           f"the {SCALING_BAR:.0f}x bar[/]"
-            console.print(f"{name} scaling: output tok/s at concurrency {high} / concurrency {low} = {x:.2f}x{verdict}")
+            console.print(f"{name} scaling: output tok/s at concurrency {high} / concurrency {low} = {x:.3f}x{verdict}")
     ch = results.get("chaos")
     if ch:
         ok = ch["errors"] == 0 and not ch["checks_failed"]
@@ -495,7 +498,8 @@ def report(results: dict[str, Any]) -> None:
         for problem in ch["checks_failed"]:
             console.print(f"  [red]{problem}[/]")
     info = results["info"]
-    console.print(f"start: {info['uptime_start']}\nend:   {info.get('uptime_end')}  ({info.get('wall_s', 0):.0f} s)")
+    console.print(f"start: {info.get('uptime_after_wait') or info['uptime_start']}\n"
+                  f"end:   {info.get('uptime_end')}  ({info.get('wall_s', 0):.0f} s)")
 
 
 def _mb(v: float | None) -> str:
@@ -509,8 +513,9 @@ def markdown(results: dict[str, Any]) -> str:
         by_c = summaries(results, name)
         if not by_c:
             continue
-        lines += [f"**{name}**", "", "| concurrency | requests | errors | req/s | output tok/s | TTFT p50 / p90 / p99 (ms) "
-                  "| ITL p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | E2E p50 / p90 / p99 (s) |",
+        lines += [f"**{name}**", "", "| concurrency | requests | errors | req/s | output tok/s "
+                  "| TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) "
+                  "| E2E p50 / p90 / p99 (s) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c, s in sorted(by_c.items()):
             lines.append(f"| {c} | {s['requests']} | {s['errors'] + s['rejected_429']} | {s['req_per_s']:.2f} | "
@@ -519,7 +524,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     h, l = summaries(results, HANLIN), summaries(results, LLAMACPP)
     if h and l:
-        lines += ["| concurrency | output tok/s H / L | req/s H / L | TTFT p50 H / L | TPOT p50 H / L | E2E p50 H / L |",
+        lines += ["| concurrency | output tok/s H / L | req/s H / L | TTFT p50 H / L | TPOT p50 H / L "
+                  "| E2E p50 H / L |",
                   "|---|---|---|---|---|---|"]
         for c in sorted(set(h) & set(l)):
             a, b = h[c], l[c]
@@ -533,7 +539,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrency levels")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per level (default: max(8, 2 x concurrency))")
@@ -557,7 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chaos", action="store_true", help="run only the disconnect run (Hanlin)")
     p.add_argument("--no-chaos", action="store_true", help="leave the disconnect run out")
     p.add_argument("--chaos-streams", type=int, default=64)
-    p.add_argument("--quick", action="store_true", help="~2 minute smoke run: concurrency 1 4, 4 requests each, "
+    p.add_argument("--quick", action="store_true", help="~1-2 minute smoke run: concurrency 1 4, 4 requests each, "
                    "16 tokens, 16 chaos streams")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",

@@ -317,13 +317,15 @@ async def run_chaos(target: Target, prompts: Sequence[Prompt], max_tokens: int, 
     unexpected = []
     for i, r in enumerate(records):
         if i in cut and r.status not in ("disconnected", "rejected"):
-            unexpected.append(f"client {i} should have disconnected after {cut[i]} chunks but ended {r.status}: {r.error}")
+            unexpected.append(f"client {i} should have disconnected after {cut[i]} chunks but ended "
+                              f"{r.status}: {r.error}")
         elif i not in cut and r.status not in ("ok", "rejected"):
             unexpected.append(f"client {i}: {r.status}: {r.error}")
     return {
         "streams": len(prompts), "max_tokens": max_tokens, "wall_s": wall,
         "planned_disconnects": len(cut), "disconnected": sum(r.status == "disconnected" for r in records),
-        "completed": sum(r.status == "ok" for r in records), "rejected_429": sum(r.status == "rejected" for r in records),
+        "completed": sum(r.status == "ok" for r in records),
+        "rejected_429": sum(r.status == "rejected" for r in records),
         "errors": len(unexpected), "error_details": unexpected[:10],
         "records": [r.as_json(with_chunks=False) for r in records],
     }
