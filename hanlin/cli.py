@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -51,16 +50,14 @@ Device = Annotated[str | None, _option("--device", env="DEVICE", help="torch dev
 
 def sampling_params(**values: Any) -> SamplingParams:
     """Build and validate SamplingParams; a bad value becomes a HanlinError naming its command-line option."""
-    from hanlin.engine.sampling import SamplingParams
+    from hanlin.engine.sampling import InvalidSamplingParam, SamplingParams
 
     params = SamplingParams(**{k: v for k, v in values.items() if v is not None})
     try:
         params.validate()
-    except ValueError as error:
-        field_name, _, rest = str(error).partition(" ")
-        if field_name in {f.name for f in fields(SamplingParams)}:
-            raise HanlinError(f"--{field_name.replace('_', '-')} {rest}") from None
-        raise HanlinError(str(error)) from None
+    except InvalidSamplingParam as error:  # its message starts with the field's name: show the option's
+        message = str(error)
+        raise HanlinError(f"--{error.field.replace('_', '-')}{message[len(error.field):]}") from None
     return params
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,12 +20,12 @@ from hanlin.engine.outputs import (
     TopLogprob,
 )
 from hanlin.engine.runner import ModelRunner
-from hanlin.engine.sampling import SamplingParams, StopChecker, make_generator, sample
+from hanlin.engine.sampling import InvalidSamplingParam, SamplingParams, StopChecker, make_generator, sample
 from hanlin.engine.scheduler import ScheduledChunk, Scheduler
 from hanlin.engine.sequence import Sequence
 
 log = logging.getLogger("hanlin.engine")
-MAX_CHOICES = 128
+MAX_CHOICES = 128  # choices (prompts × n) in one request
 
 
 @dataclass
@@ -80,9 +80,8 @@ class LLMEngine:
         """Raise InvalidRequestError (naming the field) for a request that cannot run as given."""
         try:
             params.validate()
-        except ValueError as error:
-            name = str(error).split(" ", 1)[0]
-            raise InvalidRequestError(str(error), name if name in _PARAM_NAMES else None) from None
+        except InvalidSamplingParam as error:
+            raise InvalidRequestError(str(error), error.field) from None
         if not 1 <= n <= MAX_CHOICES:
             raise InvalidRequestError(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
         if not prompt_ids:
@@ -254,9 +253,6 @@ class LLMEngine:
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
             preemptions=self.scheduler.preemptions, steps=self._steps,
         )
-
-
-_PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 
 
 def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

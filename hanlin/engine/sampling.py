@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+class InvalidSamplingParam(ValueError):
+    """A sampling parameter out of range; `field` is its SamplingParams field name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 → greedy (argmax)
@@ -45,42 +53,52 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+        """Raise InvalidSamplingParam (a ValueError) naming the first field that is out of range."""
         _require_finite(self, "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise InvalidSamplingParam(
+                "temperature", f"temperature must be >= 0 (0 means greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
+            raise InvalidSamplingParam("top_k", f"top_k must be >= 0 (0 means off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidSamplingParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidSamplingParam("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}")
+            raise InvalidSamplingParam(
+                "repetition_penalty", f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}"
+            )
         if not -2 <= self.presence_penalty <= 2:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+            raise InvalidSamplingParam(
+                "presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"
+            )
         if not -2 <= self.frequency_penalty <= 2:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+            raise InvalidSamplingParam(
+                "frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"
+            )
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidSamplingParam("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise InvalidSamplingParam("seed", f"seed must be in [0, 2**63), got {self.seed}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise InvalidSamplingParam("stop", "stop strings must be non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+            raise InvalidSamplingParam("stop_token_ids", f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
         for token, bias in self.logit_bias.items():
             if token < 0 or not math.isfinite(bias) or not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias maps token ids >= 0 to values in [-100, 100], got {token}: {bias}")
+                raise InvalidSamplingParam(
+                    "logit_bias", f"logit_bias maps token ids >= 0 to values in [-100, 100], got {token}: {bias}"
+                )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+            raise InvalidSamplingParam("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
 
 
 def _require_finite(params: SamplingParams, *names: str) -> None:
     for name in names:
         value = getattr(params, name)
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}")
+            raise InvalidSamplingParam(name, f"{name} must be a finite number, got {value}")
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -8,7 +8,8 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Any
 
-from hanlin.engine.sampling import SamplingParams
+from hanlin.engine.engine import MAX_CHOICES
+from hanlin.engine.sampling import InvalidSamplingParam, SamplingParams
 from hanlin.errors import ChatTemplateError
 from hanlin.server.errors import APIError, bad_request, unsupported
 from hanlin.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from hanlin.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4
-MAX_CHOICES = 128  # prompts × n in one request
 _NOT_SUPPORTED = "is not supported by this server"
 _USES_NAMES = re.compile(r"""\.name\b|\[\s*['"]name['"]\s*\]""")  # message.name / message['name']
 _NON_TEXT_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file"}
@@ -252,8 +252,8 @@ def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
 def _validate(params: SamplingParams, req: SamplingFields) -> None:
     try:
         params.validate()
-    except ValueError as error:
-        name = str(error).split(" ", 1)[0]
+    except InvalidSamplingParam as error:
+        name = error.field
         if name == "stop":
             param = "stop"
         elif name == "logprobs":
