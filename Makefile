@@ -15,7 +15,7 @@ test:
 
 bench:
 	./scripts/setup --test
-	.venv/bin/python bench/decode.py
+	.venv/bin/python bench/speed.py
 
 bench-serve:
 	./scripts/setup --test

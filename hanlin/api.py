@@ -11,11 +11,11 @@ import torch
 
 from hanlin.checkpoints.registry import resolve
 from hanlin.config import ModelConfig
-from hanlin.errors import HanlinError
+from hanlin.engine.options import QUANTIZE_SCHEMES, check_quantize
 from hanlin.models import Transformer
-from hanlin.models.quantized import quantize_int8
+from hanlin.models.quantized import quantize_model
 
-QUANTIZE_SCHEMES = (None, "int8")
+__all__ = ["QUANTIZE_SCHEMES", "LoadedModel", "load", "load_config", "save"]
 
 if TYPE_CHECKING:
     from hanlin.tokenizer import Tokenizer
@@ -40,25 +40,26 @@ def load(
 ) -> LoadedModel:
     """Loads "smollm2" (the embedded default), a Hugging Face directory or a .gguf file.
 
-    quantize="int8" stores linear weights as int8 per output channel (4x fewer bytes per token).
+    quantize="int8" stores the linear and embedding weights as int8 per output channel (4x fewer bytes than
+    fp32); quantize="int4" as 4-bit with an fp16 scale and min per group of 32 inputs (~6x fewer). A GGUF
+    file's Q4_0/Q4_1/Q8_0 (int4) or Q8_0 (int8) tensors are taken as stored, without a round trip through fp32.
     """
     from hanlin.checkpoints.gguf import load_gguf
     from hanlin.checkpoints.hf import load_hf_directory
     from hanlin.tokenizer import Tokenizer
 
-    if quantize not in QUANTIZE_SCHEMES:
-        raise HanlinError(f"unknown quantization {quantize!r}: use int8, or leave it unset for fp32 weights")
+    check_quantize(quantize)
     start = time.perf_counter()
     path = resolve(name_or_path)
     with _progress_bar(progress, f"loading {path.name}") as report:
         if path.is_dir():
             config, model = load_hf_directory(path, device=device, dtype=dtype)
+            if quantize is not None:
+                quantize_model(model, quantize)
             tokenizer = Tokenizer.from_file(path)
         else:
-            config, model, meta = load_gguf(path, device=device, dtype=dtype, progress=report)
+            config, model, meta = load_gguf(path, device=device, dtype=dtype, progress=report, quantize=quantize)
             tokenizer = Tokenizer.from_gguf_metadata(meta)
-    if quantize == "int8":
-        quantize_int8(model)
     return LoadedModel(config, model, tokenizer, str(path), time.perf_counter() - start)
 
 

@@ -44,7 +44,7 @@ Seed = Annotated[int | None, _option("--seed", env="SEED", help="Random seed for
 MaxTokens = Annotated[int, _option("--max-tokens", "-n", env="MAX_TOKENS", help="Most tokens to generate per reply.")]
 Stop = Annotated[list[str] | None, _option("--stop", env="STOP", help="Stop when this string is generated (repeatable).")]
 JsonOutput = Annotated[bool, _option("--json", env="JSON", help="Print one JSON object instead of text.")]
-Quantize = Annotated[str | None, _option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per-channel; ~3x faster decode on CPU).")]
+Quantize = Annotated[str | None, _option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32); faster decode on CPU.")]
 Device = Annotated[str | None, _option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")]
 
 

@@ -26,7 +26,7 @@ def serve(
     port: Annotated[int, _option("--port", "-p", env="PORT", help="Port to listen on (0 picks a free one).")] = 8000,
     db: Annotated[str | None, _option("--db", env="DB", help="Keys and metering database: a SQLite path, sqlite:///path or postgresql://... (default: $HANLIN_HOME/hanlin.db).")] = None,
     max_queued: Annotated[int, _option("--max-queued", env="MAX_QUEUED", help="Waiting requests before new ones get 429 with Retry-After.")] = 256,
-    quantize: Annotated[str | None, _option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8.")] = None,
+    quantize: Annotated[str | None, _option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32).")] = None,
     device: Annotated[str | None, _option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")] = None,
     max_num_seqs: Annotated[int, _option("--max-num-seqs", env="MAX_NUM_SEQS", help="Sequences decoded together in one step.")] = 64,
     max_batched_tokens: Annotated[int, _option("--max-batched-tokens", env="MAX_BATCHED_TOKENS", help="Tokens computed per engine step (prefill chunks share it with decodes).")] = 256,
@@ -50,8 +50,6 @@ def serve(
     )
     if shutdown_timeout < 0:
         raise HanlinError(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
-    if quantize not in (None, "int8"):
-        raise HanlinError(f"unknown quantization {quantize!r}: use int8, or leave it unset for fp32 weights")
     path = resolve(model)  # a bad name fails now, not after the server has started
     aliases = [name for name in (model, path.stem if path.is_file() else path.name) if name]
     store = MeteringStore.open(db)

@@ -78,8 +78,9 @@ def build_engine(loaded: LoadedModel, **options: Any) -> RecordingEngine:
 
 
 class Forwards:
-    """A forward pre-hook on the model (one forward per engine step): can make forwards raise ("boom", as a
-    bug in the model would), or pause them so that the test lets the engine through one step at a time."""
+    """A forward pre-hook on the model's embedding (one call per engine step, on the fused CPU path and on the
+    module path alike): can make forwards raise ("boom", as a bug in the model would), or pause them so that
+    the test lets the engine through one step at a time."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls = 0  # forwards that ran (or raised)
@@ -88,7 +89,7 @@ class Forwards:
         self._paused = False
         self._passes = 0
         self._cond = threading.Condition()
-        model.register_forward_pre_hook(self._hook)
+        model.embed_tokens.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: Any) -> None:
         with self._cond:

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp): metadata → ModelConfig, tensors dequantized into a Transformer."""
+"""GGUF files (llama.cpp): metadata → ModelConfig, tensors dequantized (or kept packed) into a Transformer."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from hanlin.checkpoints.gguf_metadata import read_gguf_metadata
 from hanlin.config import ModelConfig, MoEConfig, RopeConfig
 from hanlin.errors import CheckpointError, UnsupportedModelError
-from hanlin.checkpoints.materialize import materialize
+from hanlin.checkpoints.gguf_blocks import GGUFWeights, Piece
+from hanlin.checkpoints.materialize import materialize_lazily
 from hanlin.models import Transformer
+from hanlin.models.quant_packing import PackedWeight
 
 # llama.cpp architecture name → (Hanlin model_type, Q/K rows permuted by llama.cpp's converter)
 SUPPORTED_ARCHITECTURES = {
@@ -109,51 +110,47 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -
     )
 
 
-def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's row permutation of Q/K (interleaved rotary pairs → rotate-half halves)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _hanlin_tensors(config: ModelConfig, arrays: dict[str, np.ndarray], permuted: bool) -> dict[str, np.ndarray]:
-    """Map llama.cpp tensor names to Hanlin parameter names, fusing q/k/v and gate/up."""
-    out: dict[str, np.ndarray] = {"embed_tokens.weight": arrays["token_embd.weight"], "norm.weight": arrays["output_norm.weight"]}
+def _weight_plan(config: ModelConfig, permuted: bool) -> dict[str, tuple[Piece, ...]]:
+    """Hanlin parameter name → the llama.cpp tensors it is stacked from (q/k/v and gate/up are fused)."""
+    plan: dict[str, tuple[Piece, ...]] = {
+        "embed_tokens.weight": (Piece("token_embd.weight"),),
+        "norm.weight": (Piece("output_norm.weight"),),
+    }
     if not config.tie_embeddings:
-        out["lm_head.weight"] = arrays["output.weight"]
+        plan["lm_head.weight"] = (Piece("output.weight"),)
+    q_heads, kv_heads = (config.num_heads, config.num_kv_heads) if permuted else (None, None)
     for i in range(config.num_layers):
         src, dst = f"blk.{i}.", f"layers.{i}."
-        q, k, v = arrays[src + "attn_q.weight"], arrays[src + "attn_k.weight"], arrays[src + "attn_v.weight"]
-        if permuted:
-            q, k = _unpermute_qk(q, config.num_heads), _unpermute_qk(k, config.num_kv_heads)
-        out[dst + "attn.qkv_proj.weight"] = np.concatenate([q, k, v])
-        if config.attention_bias:
-            qb, kb, vb = (arrays[src + f"attn_{n}.bias"] for n in "qkv")
-            if permuted:
-                qb, kb = _unpermute_qk(qb, config.num_heads), _unpermute_qk(kb, config.num_kv_heads)
-            out[dst + "attn.qkv_proj.bias"] = np.concatenate([qb, kb, vb])
-        out[dst + "attn.o_proj.weight"] = arrays[src + "attn_output.weight"]
+        for kind in ("weight", "bias") if config.attention_bias else ("weight",):
+            plan[dst + f"attn.qkv_proj.{kind}"] = (
+                Piece(src + f"attn_q.{kind}", q_heads),
+                Piece(src + f"attn_k.{kind}", kv_heads),
+                Piece(src + f"attn_v.{kind}"),
+            )
+        plan[dst + "attn.o_proj.weight"] = (Piece(src + "attn_output.weight"),)
         if config.qk_norm != "none":
-            out[dst + "attn.q_norm.weight"] = arrays[src + "attn_q_norm.weight"]
-            out[dst + "attn.k_norm.weight"] = arrays[src + "attn_k_norm.weight"]
-        out[dst + "input_norm.weight"] = arrays[src + "attn_norm.weight"]
-        out[dst + "post_attn_norm.weight"] = arrays[src + "ffn_norm.weight"]
+            plan[dst + "attn.q_norm.weight"] = (Piece(src + "attn_q_norm.weight"),)
+            plan[dst + "attn.k_norm.weight"] = (Piece(src + "attn_k_norm.weight"),)
+        plan[dst + "input_norm.weight"] = (Piece(src + "attn_norm.weight"),)
+        plan[dst + "post_attn_norm.weight"] = (Piece(src + "ffn_norm.weight"),)
         if config.is_moe_layer(i):
-            out[dst + "mlp.router.weight"] = arrays[src + "ffn_gate_inp.weight"]
-            gates, ups, downs = (arrays[src + f"ffn_{n}_exps.weight"] for n in ("gate", "up", "down"))
-            for e in range(gates.shape[0]):
-                out[dst + f"mlp.experts.{e}.gate_up_proj.weight"] = np.concatenate([gates[e], ups[e]])
-                out[dst + f"mlp.experts.{e}.down_proj.weight"] = downs[e]
-            if config.moe is not None and config.moe.shared_expert_dim:
-                g, u = arrays[src + "ffn_gate_shexp.weight"], arrays[src + "ffn_up_shexp.weight"]
-                out[dst + "mlp.shared_expert.gate_up_proj.weight"] = np.concatenate([g, u])
-                out[dst + "mlp.shared_expert.down_proj.weight"] = arrays[src + "ffn_down_shexp.weight"]
+            assert config.moe is not None
+            plan[dst + "mlp.router.weight"] = (Piece(src + "ffn_gate_inp.weight"),)
+            for e in range(config.moe.num_experts):
+                gate, up = Piece(src + "ffn_gate_exps.weight", expert=e), Piece(src + "ffn_up_exps.weight", expert=e)
+                plan[dst + f"mlp.experts.{e}.gate_up_proj.weight"] = (gate, up)
+                plan[dst + f"mlp.experts.{e}.down_proj.weight"] = (Piece(src + "ffn_down_exps.weight", expert=e),)
+            if config.moe.shared_expert_dim:
+                shared_gate, shared_up = Piece(src + "ffn_gate_shexp.weight"), Piece(src + "ffn_up_shexp.weight")
+                plan[dst + "mlp.shared_expert.gate_up_proj.weight"] = (shared_gate, shared_up)
+                plan[dst + "mlp.shared_expert.down_proj.weight"] = (Piece(src + "ffn_down_shexp.weight"),)
                 if config.moe.shared_expert_gate:
-                    out[dst + "mlp.shared_expert_gate.weight"] = arrays[src + "ffn_gate_inp_shexp.weight"].reshape(1, -1)
+                    gate_vector = Piece(src + "ffn_gate_inp_shexp.weight", as_row=True)
+                    plan[dst + "mlp.shared_expert_gate.weight"] = (gate_vector,)
         else:
-            g, u = arrays[src + "ffn_gate.weight"], arrays[src + "ffn_up.weight"]
-            out[dst + "mlp.gate_up_proj.weight"] = np.concatenate([g, u])
-            out[dst + "mlp.down_proj.weight"] = arrays[src + "ffn_down.weight"]
-    return out
+            plan[dst + "mlp.gate_up_proj.weight"] = (Piece(src + "ffn_gate.weight"), Piece(src + "ffn_up.weight"))
+            plan[dst + "mlp.down_proj.weight"] = (Piece(src + "ffn_down.weight"),)
+    return plan
 
 
 def read_gguf_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any], Any]:
@@ -170,28 +167,41 @@ def load_gguf(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: ProgressCallback | None = None,
+    quantize: str | None = None,
 ) -> tuple[ModelConfig, Transformer, dict[str, Any]]:
-    """Returns (config, model, metadata); every tensor type the gguf package can dequantize is accepted."""
-    from gguf.quants import dequantize
+    """Returns (config, model, metadata); every tensor type the gguf package can dequantize is accepted.
 
+    quantize="int4" takes Q4_0/Q4_1/Q8_0 tensors and quantize="int8" takes Q8_0 tensors as they are stored;
+    other tensors are dequantized and quantized at load (see hanlin.models.quantized).
+    """
     path = Path(path)
     config, meta, reader = read_gguf_config(path)
-    tensors = {t.name: t for t in reader.tensors}
+    reader.fields.clear()  # the parsed key/value fields (~150 MB for a 49k-token vocabulary); meta has them
+    weights = GGUFWeights(reader, str(path))
     _, permuted = SUPPORTED_ARCHITECTURES[meta["general.architecture"]]
-    arrays: dict[str, np.ndarray] = {}
-    for done, (name, tensor) in enumerate(tensors.items(), 1):
-        try:
-            values = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise UnsupportedModelError(f"{path}: tensor {name} has type {tensor.tensor_type.name}, which gguf cannot dequantize") from None
-        arrays[name] = values.reshape(tuple(reversed([int(d) for d in tensor.shape])))
-        if progress is not None:
-            progress(done, len(tensors))
-    try:
-        state = _hanlin_tensors(config, arrays, permuted)
-    except KeyError as missing:
-        raise CheckpointError(f"{path}: tensor {missing.args[0]} is missing") from None
-    del arrays
-    tensors = {name: torch.from_numpy(np.require(a, requirements=["C", "W"])) for name, a in state.items()}
-    model = materialize(config, tensors, str(path), device, dtype)
+    plan = _weight_plan(config, permuted)
+    for pieces in plan.values():
+        for piece in pieces:
+            if piece.tensor not in weights.tensors:
+                raise CheckpointError(f"{path}: tensor {piece.tensor} is missing")
+    sources = {name: GGUFWeight(weights, pieces) for name, pieces in plan.items()}
+    model = materialize_lazily(config, sources, str(path), device, dtype, quantize=quantize, progress=progress)
     return config, model, meta
+
+
+class GGUFWeight:
+    """One Hanlin weight of a GGUF file, read only when the model is built (a WeightSource)."""
+
+    def __init__(self, weights: GGUFWeights, pieces: tuple[Piece, ...]) -> None:
+        self.weights, self.pieces = weights, pieces
+        self.shape = weights.shape(pieces)
+
+    def fp32(self) -> torch.Tensor:
+        values = self.weights.fp32(self.pieces)
+        self.weights.release_pages()
+        return values
+
+    def packed(self, scheme: str, group: int) -> PackedWeight | None:
+        packed = self.weights.packed(self.pieces, scheme, group)
+        self.weights.release_pages()
+        return packed

@@ -6,12 +6,22 @@ from dataclasses import dataclass, fields
 
 from hanlin.errors import HanlinError
 
+# Weight-only quantization at load (hanlin.load): None keeps fp32 (or the device's dtype).
+QUANTIZE_SCHEMES = (None, "int8", "int4")
+QUANTIZE_HELP = "int8 (per channel) or int4 (4-bit, group 32)"
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Raises HanlinError naming the valid choices for anything but None, "int8" or "int4"."""
+    if quantize not in QUANTIZE_SCHEMES:
+        raise HanlinError(f"unknown quantization {quantize!r}: use {QUANTIZE_HELP}, or leave it unset for fp32 weights")
+
 
 @dataclass
 class EngineOptions:
     model: str = "smollm2"  # a model name, .gguf file or Hugging Face directory
     device: str | None = None
-    quantize: str | None = None  # None (fp32) or "int8"
+    quantize: str | None = None  # None (fp32), "int8" (per channel) or "int4" (4-bit, group 32)
     block_size: int = 16  # tokens per KV block
     kv_cache_mb: int = 1024  # memory for the paged KV cache (allocated lazily by the OS as blocks are touched)
     kv_cache_blocks: int | None = None  # an exact block count instead of kv_cache_mb
@@ -25,6 +35,7 @@ class EngineOptions:
     threads: int | None = None
 
     def validate(self) -> None:
+        check_quantize(self.quantize)
         for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens"):
             if getattr(self, name) < 1:
                 raise HanlinError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
+from hanlin.engine.fused import FusedModel, unsupported_reason
 from hanlin.engine.kv_cache import PagedKVCache, build_step_kv
 from hanlin.engine.scheduler import ScheduledChunk
 from hanlin.models import Transformer
 
 
+log = logging.getLogger(__name__)
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+    def __init__(self, model: Transformer, cache: PagedKVCache, *, fused: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
+        reason = "disabled" if not fused or os.environ.get("HANLIN_NO_FUSED") == "1" else unsupported_reason(model, cache)
+        self.fused = FusedModel(model, cache) if reason is None else None
+        if reason is not None:
+            log.info("fused CPU layers off (%s): running the PyTorch modules", reason)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -28,5 +39,7 @@ class ModelRunner:
         step_kv, positions = build_step_kv(self.cache, [(c.seq.block_table, c.start, c.count) for c in chunks])
         input_ids = torch.tensor([token_ids], device=self.device)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        if self.fused is not None:
+            return self.fused(input_ids[0], positions[0], step_kv, rows).float()
         logits = self.model(input_ids, cache=step_kv, positions=positions, logit_rows=rows)
         return logits[0].float()

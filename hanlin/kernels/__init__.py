@@ -21,9 +21,12 @@ def _cpu_has_avx2_fma() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+SOURCES = ("module.cpp", "qlinear.cpp", "decode.cpp")
+
+
 @functools.cache
-def int8_kernel() -> ModuleType | None:
-    """The compiled int8 linear kernel, or None (no AVX2/compiler, or HANLIN_NO_KERNELS=1)."""
+def cpu_kernels() -> ModuleType | None:
+    """The compiled `hanlin_cpu` extension, or None (no AVX2/compiler, or HANLIN_NO_KERNELS=1)."""
     if os.environ.get("HANLIN_NO_KERNELS") == "1" or not _cpu_has_avx2_fma():
         return None
     # The ninja that pip installs lives beside the interpreter, which need not be on PATH (a venv not
@@ -34,13 +37,14 @@ def int8_kernel() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(
-            name="hanlin_int8_linear",
-            sources=[str(SOURCE_DIR / "int8_linear.cpp")],
-            extra_cflags=["-O3", "-mavx2", "-mfma"],
+            name="hanlin_cpu",
+            sources=[str(SOURCE_DIR / name) for name in SOURCES],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as error:  # a missing compiler or headers must never stop inference
-        log.warning("int8 kernel unavailable, using the PyTorch fallback: %s", error)
+        log.warning("compiled CPU kernels unavailable, using the PyTorch fallback: %s", error)
         return None
     finally:
         os.environ["PATH"] = path

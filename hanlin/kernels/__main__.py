@@ -2,9 +2,9 @@
 
 import sys
 
-from hanlin.kernels import int8_kernel
+from hanlin.kernels import cpu_kernels
 
 if __name__ == "__main__":
-    kernel = int8_kernel()
-    print("hanlin kernels:", "int8_linear ready" if kernel else "not built (the PyTorch fallback will be used)")
+    kernels = cpu_kernels()
+    print("hanlin kernels:", "ready" if kernels else "not built (the PyTorch fallbacks will be used)")
     sys.exit(0)

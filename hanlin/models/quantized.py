@@ -1,4 +1,4 @@
-"""Weight-only int8 (per output channel, symmetric) linear layers, quantized at load time."""
+"""Weight-only quantized linear and embedding layers (int8 per channel, 4-bit per group; qlinear.h formats)."""
 
 from __future__ import annotations
 
@@ -6,51 +6,134 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hanlin.kernels import int8_kernel
+from hanlin.kernels import cpu_kernels
+from hanlin.models.quant_packing import Q4, Q8, SCHEMES, PackedWeight, dequantize, pack_int8, pack_weight
 
-# Up to this many rows the compiled kernel (reads 1 byte per weight) wins; above it the matmul is
-# compute-bound and dequantizing once into an fp32 GEMM is faster.
-KERNEL_MAX_ROWS = 8
+__all__ = ["Q4", "Q8", "SCHEMES", "QuantEmbedding", "QuantLinear", "quantize_model"]
+
+KIND_NAMES = {Q8: "int8", Q4: "4-bit"}
+FALLBACK_CHUNK_BYTES = 8 << 20  # fp32 weight rows dequantized at once by the pure-PyTorch path
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W held packed. The fused decode path reads kind, qdata, scales, mins, group and
+    bias directly, so these names are part of the contract."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features = weight_q.shape[1]
-        self.out_features = weight_q.shape[0]
-        self.register_buffer("weight_q", weight_q.contiguous())
-        self.register_buffer("scale", scale.float().contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.kind = int(packed.kind)
+        self.group = int(packed.group)
+        self.out_features = packed.out_features
+        self.in_features = packed.in_features
+        self.register_buffer("qdata", packed.qdata.contiguous())
+        self.register_buffer("scales", packed.scales.to(torch.float16).contiguous())
+        self.register_buffer("mins", packed.mins.to(torch.float16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        weight_q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(weight_q, scale, linear.bias)
+    def int8(cls, linear: nn.Linear) -> "QuantLinear":
+        return cls(pack_int8(linear.weight), linear.bias)
+
+    @classmethod
+    def int4(cls, linear: nn.Linear, group: int = 32) -> "QuantLinear":
+        """4-bit per group where in_features allows it; int8 per channel otherwise."""
+        return cls(pack_weight(linear.weight, "int4", group), linear.bias)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        return cls(packed, bias)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.kind, self.qdata, self.scales, self.mins, self.group)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_q.float() * self.scale[:, None]
+        return dequantize(self.kind, self.qdata, self.scales, self.mins, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_NK = x.reshape(-1, self.in_features)
-        kernel = int8_kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-        if kernel is not None and x_NK.shape[0] <= KERNEL_MAX_ROWS and not x.requires_grad:
-            y = kernel.int8_linear(x_NK, self.weight_q, self.scale, self.bias)
+        use_kernel = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+        kernels = cpu_kernels() if use_kernel and self.qdata.device.type == "cpu" else None
+        if kernels is not None:
+            y = kernels.qlinear(x_NK, self.kind, self.qdata, self.scales, self.mins, self.group, self.bias)
         else:
-            y = F.linear(x_NK, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = self._dequantizing_linear(x_NK)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _dequantizing_linear(self, x_NK: torch.Tensor) -> torch.Tensor:
+        """The pure-PyTorch path, a slice of output rows at a time: a large weight (an lm_head) is never
+        expanded to fp32 as a whole."""
+        rows = max(1, FALLBACK_CHUNK_BYTES // (4 * self.in_features))
+        outputs = []
+        for start in range(0, self.out_features, rows):
+            end = min(start + rows, self.out_features)
+            mins = self.mins[start:end] if self.kind == Q4 else self.mins
+            w = dequantize(self.kind, self.qdata[start:end], self.scales[start:end], mins, self.group).to(x_NK.dtype)
+            outputs.append(F.linear(x_NK, w, None if self.bias is None else self.bias[start:end].to(x_NK.dtype)))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        grouping = "per channel" if self.group == self.in_features else f"group {self.group}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]} {grouping}"
 
 
-def quantize_int8(model: nn.Module, *, min_out_features: int = 16) -> int:
-    """Replaces every nn.Linear (router gates excepted) by an Int8Linear in place; returns how many."""
+class QuantEmbedding(nn.Module):
+    """An embedding table held packed; a lookup dequantizes only the rows it selects."""
+
+    def __init__(self, packed: PackedWeight, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.kind = int(packed.kind)
+        self.group = int(packed.group)
+        self.num_embeddings = packed.out_features
+        self.embedding_dim = packed.in_features
+        self.dtype = dtype  # of the looked-up rows (the model's compute dtype)
+        self.register_buffer("qdata", packed.qdata.contiguous())
+        self.register_buffer("scales", packed.scales.to(torch.float16).contiguous())
+        self.register_buffer("mins", packed.mins.to(torch.float16).contiguous())
+
+    @classmethod
+    def sharing(cls, linear: QuantLinear, dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
+        """The embedding tied to `linear` (an lm_head): the same packed buffers, not a copy."""
+        return cls(linear.packed, dtype)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.kind, self.qdata, self.scales, self.mins, self.group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        mins = self.mins[flat] if self.kind == Q4 else self.mins
+        rows = dequantize(self.kind, self.qdata[flat], self.scales[flat], mins, self.group)
+        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {KIND_NAMES[self.kind]} group {self.group}"
+
+
+def tie_quantized_embedding(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Points model.embed_tokens at the packed buffers of model.lm_head (a QuantLinear)."""
+    model.embed_tokens = QuantEmbedding.sharing(model.lm_head, dtype)
+
+
+def quantize_model(model: nn.Module, scheme: str, group: int = 32, *, min_out_features: int = 16) -> int:
+    """Replaces in place every nn.Linear with at least `min_out_features` outputs, and the token embedding
+    (tied to the lm_head or not), by packed layers; returns how many linears were replaced. MoE router
+    weights are plain parameters, not nn.Linear, and stay fp32."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r} (use {' or '.join(SCHEMES)})")
+    embedding = getattr(model, "embed_tokens", None)
+    lm_head = getattr(model, "lm_head", None)
+    tied = isinstance(embedding, nn.Embedding) and isinstance(lm_head, nn.Linear) and embedding.weight is lm_head.weight
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.out_features >= min_out_features:
-                setattr(parent, name, Int8Linear.from_linear(child))
+                setattr(parent, name, QuantLinear(pack_weight(child.weight, scheme, group), child.bias))
                 replaced += 1
+    if isinstance(embedding, nn.Embedding):
+        dtype = embedding.weight.dtype
+        if tied and isinstance(model.lm_head, QuantLinear):
+            tie_quantized_embedding(model, dtype)
+        else:
+            model.embed_tokens = QuantEmbedding(pack_weight(embedding.weight, scheme, group), dtype)
     return replaced

@@ -1,0 +1,1 @@
+"""Evaluations: perplexity (more come with the evaluation issue)."""

@@ -1,0 +1,83 @@
+"""The fused CPU layers (hanlin/kernels/decode.cpp) against the PyTorch modules, through the real engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_helpers import tiny_model, word_tokenizer
+from hanlin.api import LoadedModel
+from hanlin.config import ModelConfig, MoEConfig
+from hanlin.engine.engine import LLMEngine
+from hanlin.engine.options import EngineOptions
+from hanlin.engine.sampling import SamplingParams
+from hanlin.kernels import cpu_kernels
+from hanlin.models.quantized import quantize_model
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the compiled CPU kernels could not be built here")
+
+BASE = dict(vocab_size=96, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=96)
+VARIANTS = {
+    "llama-gqa": {},
+    "mha-bias": dict(num_kv_heads=4, attention_bias=True),
+    "qk-norm": dict(qk_norm="head"),
+    "qk-norm-after-rope": dict(qk_norm="head", qk_norm_after_rope=True),
+    "clip-qkv": dict(clip_qkv=0.5),
+    "olmoe-projection-norms": dict(qk_norm="proj", clip_qkv=0.5),
+    "cross-layer-kv": dict(cla_share_factor=2),
+    "sliding-window": dict(sliding_window=7),
+    "moe": dict(moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48)),
+    "head-dim-96": dict(head_dim=96, num_heads=2, num_kv_heads=1),
+    "int8": dict(quantize="int8"),
+    "int4": dict(quantize="int4"),
+    "int4-moe": dict(quantize="int4", moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32)),
+}
+
+
+def _generate(loaded: LoadedModel, prompts: list[list[int]], fused: bool, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HANLIN_NO_FUSED", "0" if fused else "1")
+    engine = LLMEngine(loaded, EngineOptions(block_size=4, max_batched_tokens=16, kv_cache_mb=8, max_model_len=512))
+    assert (engine.runner.fused is not None) == fused
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    logprobs: dict[str, list[list[float]]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            for delta in out.deltas:
+                tokens[out.request_id].extend(delta.token_ids)
+                logprobs[out.request_id].extend([t.logprob for t in lp.top] for lp in delta.logprobs or [])
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_layers_give_the_modules_tokens_and_logprobs(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed steps: prompts of 1-40 tokens under a 16-token budget, so decodes share steps with prefill chunks
+    that start mid-sequence (prefix of pages) and with fresh ones."""
+    fields = {**BASE, **VARIANTS[variant]}
+    scheme = fields.pop("quantize", None)
+    config = ModelConfig(max_position_embeddings=512, **fields)
+    model = tiny_model(config, seed=3, std=0.2)
+    if scheme is not None:
+        assert quantize_model(model, scheme) > 0
+    loaded = LoadedModel(config, model, word_tokenizer(config.vocab_size), "tiny")
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (1, 5, 17, 40, 9, 3)]
+    fused_tokens, fused_logprobs = _generate(loaded, prompts, True, monkeypatch)
+    plain_tokens, plain_logprobs = _generate(loaded, prompts, False, monkeypatch)
+    assert fused_tokens == plain_tokens
+    # Quantized weights: decode-sized linears quantize their inputs to int8 per 32 (qlinear.cpp), so a last-bit
+    # difference in a norm's output can move an input by one int8 step, not by one fp32 ulp.
+    tolerance = 1e-4 if scheme is None else 1e-2
+    for key in plain_logprobs:
+        torch.testing.assert_close(
+            torch.tensor(fused_logprobs[key]), torch.tensor(plain_logprobs[key]), rtol=tolerance, atol=tolerance
+        )
+
+
+def test_odd_head_dim_falls_back_to_the_modules() -> None:
+    config = ModelConfig(max_position_embeddings=64, **{**BASE, "head_dim": 15})
+    loaded = LoadedModel(config, tiny_model(config), word_tokenizer(96), "tiny")
+    engine = LLMEngine(loaded, EngineOptions(block_size=4, kv_cache_mb=4))
+    assert engine.runner.fused is None
