@@ -17,6 +17,7 @@ import torch
 import hanlin
 from hanlin.checkpoints.registry import embedded_model_path
 from hanlin.eval.perplexity import Perplexity, WindowLogits, model_logits, perplexity
+from hanlin.models.quantized import quantize_model
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora" / "grimm_tales.txt"
 
@@ -56,6 +57,12 @@ def main() -> None:
     for scheme in ("int8", "int4"):
         if scheme not in args.skip:
             engines[f"hanlin {scheme}"] = model_logits(hanlin.load("smollm2", quantize=scheme).model)
+    if "int4" not in args.skip:
+        # The GGUF is Q4_1, so "hanlin int4" computes with its own blocks; this row re-quantizes the fp32
+        # (dequantized) weights with Hanlin's own 4-bit quantizer, group 32, the tied embedding included.
+        requantized = hanlin.load("smollm2").model
+        quantize_model(requantized, "int4", group=32)
+        engines["hanlin int4, own quantizer"] = model_logits(requantized)
     if "llama.cpp" not in args.skip:
         llama = llama_cpp_logits(args.window, args.threads)
         if llama is None:

@@ -130,7 +130,10 @@ def materialize_lazily(
     for name in packed_names:
         assert quantize is not None
         weight = sources[name]
-        packed = weight.packed(quantize, group) or pack_weight(weight.fp32(), quantize, group)
+        packed = weight.packed(quantize, group)
+        if packed is None:  # quantized here: the vocabulary matrices get int8 under int4 (see quantize_model)
+            scheme = "int8" if name in ("embed_tokens.weight", "lm_head.weight") else quantize
+            packed = pack_weight(weight.fp32(), scheme, group)
         packed = PackedWeight(
             packed.kind, packed.qdata.to(device), packed.scales.to(device), packed.mins.to(device), packed.group
         )
