@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from peers import machine_description, transformers_decode
 
 VOCAB = 32000
 SHAPE = dict(
@@ -43,23 +43,6 @@ SHAPE = dict(
     num_experts_per_tok=8,
     max_position_embeddings=4096,
 )
-
-
-def machine_description() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__},"
-        f" Python {platform.python_version()}"
-    )
 
 
 def load_average() -> str:
@@ -99,32 +82,6 @@ def hf_prefill(model, ids: torch.Tensor) -> Callable[[], float]:
             start = time.perf_counter()
             model(ids, use_cache=False)
             return ids.shape[1] / (time.perf_counter() - start)
-
-    return run
-
-
-def hf_decode(model, prompt_ids: list[int], tokens: int) -> Callable[[], float]:
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value: torch.Tensor) -> None:
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            self.times.append(time.perf_counter())
-
-    def run() -> float:
-        clock = Clock()
-        with torch.inference_mode():
-            model.generate(
-                torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock, pad_token_id=0,
-            )
-        # times[0]: prompt echoed; times[1]: first new token; times[-1]: end.
-        return (tokens - 1) / (clock.times[-1] - clock.times[1])
 
     return run
 
@@ -245,7 +202,7 @@ def main() -> None:
             engines[name][decode] = hanlin_decode(model, decode_prompt, args.tokens)
         for impl in peers:
             engines[f"transformers {impl}"][decode] = with_experts(
-                hf_model, impl, hf_decode(hf_model, decode_prompt, args.tokens)
+                hf_model, impl, transformers_decode(hf_model, decode_prompt, args.tokens, pad_token_id=0)
             )
         for name, model in hanlins.items():
             engines[name]["1-token forward"] = hanlin_forward_1(model.model, decode_prompt[0])

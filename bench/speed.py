@@ -16,8 +16,6 @@ each engine keeps its best, so a noisy neighbour hurts all of them alike.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 import hanlin
 from hanlin.checkpoints.registry import embedded_model_path
 from hanlin.llm import LLM
+from peers import machine_description, transformers_decode
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TOPICS = ["a lighthouse keeper", "a lost cat", "a chess player", "a baker", "a pilot", "a gardener", "a robot",
@@ -35,18 +34,6 @@ TOPICS = ["a lighthouse keeper", "a lost cat", "a chess player", "a baker", "a p
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora" / "gutenberg_big.txt"
 
 Runner = Callable[[], float]
-
-
-def machine_description() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def chat_ids(tokenizer: hanlin.Tokenizer, text: str) -> list[int]:
@@ -161,30 +148,6 @@ def transformers_model():
     ).eval()
 
 
-def transformers_decode(model, prompt_ids: list[int], tokens: int) -> Runner:
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value: torch.Tensor) -> None:
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            self.times.append(time.perf_counter())
-
-    def run() -> float:
-        clock = Clock()
-        with torch.inference_mode():
-            model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, min_new_tokens=tokens,
-                           do_sample=False, streamer=clock, pad_token_id=2)
-        # times[0]: the prompt echoed; times[1]: first new token; times[-1]: end.
-        return (tokens - 1) / (clock.times[-1] - clock.times[1])
-
-    return run
-
-
 def transformers_prefill(model, prompt_ids: list[int]) -> Runner:
     def run() -> float:
         with torch.inference_mode():
@@ -249,7 +212,7 @@ def main() -> None:
         if llama is not None:
             runners["llama.cpp Q4_1"] = llama_decode(llama, prompt, args.tokens)
         if hf is not None:
-            runners["transformers fp32 eager"] = transformers_decode(hf, prompt, args.tokens)
+            runners["transformers fp32 eager"] = transformers_decode(hf, prompt, args.tokens, pad_token_id=2)
         table(f"Batch-1 decode: {len(prompt)}-token prompt, {args.tokens} greedy tokens", "decode tok/s",
               best_of(runners, args.repeats))
 

@@ -59,15 +59,17 @@ class FusedModel:
                 o=_linear(kernels, attn.o_proj),
                 q_norm=attn.q_norm.weight.detach() if config.qk_norm != "none" else None,
                 k_norm=attn.k_norm.weight.detach() if config.qk_norm != "none" and attn.owns_kv else None,
-                qk_norm_over_projection=config.qk_norm == "proj", qk_norm_after_rope=attn.qk_norm_after_rope, clip_qkv=attn.clip_qkv or 0.0,
+                qk_norm_over_projection=config.qk_norm == "proj", qk_norm_after_rope=attn.qk_norm_after_rope,
+                clip_qkv=attn.clip_qkv or 0.0,
                 post_attn_norm=block.post_attn_norm.weight.detach(),
                 gate_up=_linear(kernels, block.mlp.gate_up_proj) if dense else None,
                 down=_linear(kernels, block.mlp.down_proj) if dense else None,
             ))
 
-    @torch.inference_mode()
-    def __call__(self, input_ids_N: torch.Tensor, positions_N: torch.Tensor, step: StepKV, logit_rows: torch.Tensor) -> torch.Tensor:
-        """Logits [R, V] of the packed step's rows `logit_rows`."""
+    def __call__(
+        self, input_ids_N: torch.Tensor, positions_N: torch.Tensor, step: StepKV, logit_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [R, V] of the packed step's rows `logit_rows` (called under the runner's inference_mode)."""
         model = self.model
         x_ND = model.embed_tokens(input_ids_N).float().contiguous()
         cos, sin = model.rotary(positions_N[None], torch.float32)

@@ -8,7 +8,7 @@ PyTorch path gathers them, padded to the longest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class DecodeGroup:
     context_G: torch.Tensor  # int32: context length of each query, its own token included
     block_size: int
     window: int | None
-    _gathered: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    _gathered: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, init=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -152,6 +152,7 @@ def build_step_kv(
             slots.append(table[start // bs] * bs + start % bs)
             positions.append(start)
     groups: list[ChunkGroup] = []
+    slot_parts = [torch.tensor(slots, dtype=torch.long, device=device)]
     row = len(singles)
     for table, start, count in chunks[len(singles) :]:
         if count == 1:
@@ -168,11 +169,10 @@ def build_step_kv(
             if window is not None:
                 mask &= k_pos_S[None, :] > q_pos_Q[:, None] - window
         groups.append(ChunkGroup(slice(row, row + count), slots_S, mask, plain_causal))
+        slot_parts.append(slots_S[start:])
         positions.extend(range(start, S))
         row += count
-    slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
-    if groups:
-        slot_mapping = torch.cat([slot_mapping] + [g.slots_S[g.slots_S.shape[0] - (g.rows.stop - g.rows.start) :] for g in groups])
+    slot_mapping = torch.cat(slot_parts) if groups else slot_parts[0]
     return StepKV(cache, slot_mapping, decode, groups), torch.tensor([positions], device=device)
 
 

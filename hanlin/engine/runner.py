@@ -12,16 +12,15 @@ from hanlin.engine.kv_cache import PagedKVCache, build_step_kv
 from hanlin.engine.scheduler import ScheduledChunk
 from hanlin.models import Transformer
 
-
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, *, fused: bool = True) -> None:
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
-        reason = "disabled" if not fused or os.environ.get("HANLIN_NO_FUSED") == "1" else unsupported_reason(model, cache)
+        reason = "HANLIN_NO_FUSED=1" if os.environ.get("HANLIN_NO_FUSED") == "1" else unsupported_reason(model, cache)
         self.fused = FusedModel(model, cache) if reason is None else None
         if reason is not None:
             log.info("fused CPU layers off (%s): running the PyTorch modules", reason)

@@ -39,10 +39,6 @@ class QuantLinear(nn.Module):
         """4-bit per group where in_features allows it; int8 per channel otherwise."""
         return cls(pack_weight(linear.weight, "int4", group), linear.bias)
 
-    @classmethod
-    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
-        return cls(packed, bias)
-
     @property
     def packed(self) -> PackedWeight:
         return PackedWeight(self.kind, self.qdata, self.scales, self.mins, self.group)
