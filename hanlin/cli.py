@@ -1,4 +1,4 @@
-"""The `hanlin` command line: chat, generate and info. Every option can also come from HANLIN_<OPTION>."""
+"""The `hanlin` command line: chat, generate, info, serve, keys, data, train, export, plot and scaling. Every option can also come from HANLIN_<OPTION>."""
 
 from __future__ import annotations
 
@@ -313,6 +313,9 @@ def info(
 
 from hanlin.cli_keys import register as _register_keys; _register_keys(app)  # noqa: E402, E702
 from hanlin.cli_serve import register as _register_serve; _register_serve(app)  # noqa: E402, E702
+from hanlin.cli_data import register as _register_data; _register_data(app)  # noqa: E402, E702
+from hanlin.cli_train import register as _register_train; _register_train(app)  # noqa: E402, E702
+from hanlin.cli_analysis import register as _register_analysis; _register_analysis(app)  # noqa: E402, E702
 
 # ---- entry point --------------------------------------------------------------------------------
 

@@ -49,6 +49,18 @@ class MoEConfig:
     # Group-limited routing (DeepSeek-V3): pick topk_group of n_group groups, then top_k inside them.
     n_group: int = 1
     topk_group: int = 1
+    # Training only (module.training): each expert takes at most ceil(capacity_factor * N * top_k / num_experts)
+    # of a forward's N tokens; slots beyond that are re-routed at random to experts with room (Hunyuan's
+    # recycle routing) or dropped if none has room. None: unlimited. Serving never applies it.
+    capacity_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            from hanlin.errors import HanlinError
+
+            raise HanlinError(
+                f"moe.capacity_factor must be a positive number (or null for unlimited), got {self.capacity_factor}"
+            )
 
     def is_moe_layer(self, layer: int) -> bool:
         if layer < self.first_k_dense or layer in self.dense_layers:

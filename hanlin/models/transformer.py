@@ -72,15 +72,22 @@ class Transformer(nn.Module):
         cache: KVStore | None = None,
         positions: torch.Tensor | None = None,
         logit_rows: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for input_ids [B, T] (or [B, R, V] for the R token indices in logit_rows).
 
         Without a cache: attention_mask [B, T] marks real tokens with 1 and padding with 0 (Hugging Face
         semantics) and positions default to the count of real tokens before each one. With the engine's
         paged cache (a KVStore), input_ids are one packed row of every sequence's new tokens and positions
-        must be given.
+        must be given. Training on packed rows: document_ids [B, T] (equal ids = one document, each document
+        contiguous) keep attention inside each document and restart positions at every document's start.
         """
         B, T = input_ids.shape
+        if document_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("document_ids are for packed training rows: no cache, no attention_mask")
+            if positions is None:
+                positions = _positions_in_documents(document_ids)
         if positions is None:
             if cache is not None:
                 raise ValueError("a forward pass over the paged KV cache needs explicit positions")
@@ -91,6 +98,10 @@ class Transformer(nn.Module):
         x_BTD = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x_BTD.dtype)
         mask_BQS = None if cache is not None else self._attention_mask(attention_mask, B, T, x_BTD.device)
+        if document_ids is not None:
+            same_BQS = document_ids[:, :, None] == document_ids[:, None, :]
+            causal_QS = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
+            mask_BQS = same_BQS & (causal_QS if mask_BQS is None else mask_BQS)
         kv: KV | None = None
         for block in self.layers:
             x_BTD, kv = block(x_BTD, cos, sin, mask_BQS, cache, kv)
@@ -116,3 +127,13 @@ class Transformer(nn.Module):
             # A padding query sees nothing; let it see itself so attention stays finite.
             mask_BQS = mask_BQS | (k_pos == q_pos)
         return mask_BQS
+
+
+def _positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Index of each token within its (contiguous) document: [B, T] -> [B, T]."""
+    B, T = document_ids.shape
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index

@@ -1,0 +1,1 @@
+"""Training: data preparation, pretraining, SFT and DPO for the same Transformer that Hanlin serves."""
