@@ -155,7 +155,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     overrides (values read as YAML scalars) and checks every key, type and range."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_file(Path(path))
+        data = read_config_file(Path(path))
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
@@ -172,7 +172,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML or TOML config file; HanlinError naming the file when it is missing or malformed."""
     if not path.is_file():
         raise HanlinError(f"{path}: no such config file")
     suffix = path.suffix.lower()

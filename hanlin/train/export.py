@@ -187,17 +187,11 @@ def export_from_checkpoint(
 
 def _run_config(checkpoint_dir: Path) -> dict:
     """The config.yaml saved with the checkpoint (or, failing that, in its run directory)."""
-    import yaml
+    from hanlin.train.config import read_config_file
 
     for candidate in (checkpoint_dir / "config.yaml", checkpoint_dir.parent.parent / "config.yaml"):
         if candidate.is_file():
-            try:
-                data = yaml.safe_load(candidate.read_text()) or {}
-            except yaml.YAMLError as error:
-                raise HanlinError(f"{candidate}: cannot parse ({error})") from None
-            if not isinstance(data, dict):
-                raise HanlinError(f"{candidate}: expected a mapping of config keys")
-            return data
+            return read_config_file(candidate)
     raise HanlinError(f"{checkpoint_dir}: no config.yaml beside the checkpoint says which tokenizer it was trained "
                       "with; pass --tokenizer")
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from hanlin.config import ModelConfig
 from hanlin.errors import HanlinError
@@ -131,14 +130,10 @@ def _params(directory: Path, rows: list[dict[str, Any]]) -> int:
     path = directory / RUN_CONFIG_FILE
     if not path.is_file():
         raise HanlinError(f"{directory}: no {RUN_CONFIG_FILE} and no recorded 'params'; cannot count the parameters")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise HanlinError(f"{path}: cannot parse ({error})") from None
-    if not isinstance(data, dict):
-        raise HanlinError(f"{path}: expected a mapping of config keys")
+    from hanlin.train.config import model_config_from_dict, read_config_file
+
+    data = read_config_file(path)
     if isinstance(data.get("model"), dict):
-        from hanlin.train.config import model_config_from_dict
 
         return non_embedding_params(model_config_from_dict(data["model"]))
     if data.get("init_from"):
