@@ -316,6 +316,9 @@ from hanlin.cli_serve import register as _register_serve; _register_serve(app)  
 from hanlin.cli_data import register as _register_data; _register_data(app)  # noqa: E402, E702
 from hanlin.cli_train import register as _register_train; _register_train(app)  # noqa: E402, E702
 from hanlin.cli_analysis import register as _register_analysis; _register_analysis(app)  # noqa: E402, E702
+from hanlin.cli_index import register as _register_index; _register_index(app)  # noqa: E402, E702
+from hanlin.cli_ask import register as _register_ask; _register_ask(app)  # noqa: E402, E702
+from hanlin.cli_eval import register as _register_eval; _register_eval(app)  # noqa: E402, E702
 
 # ---- entry point --------------------------------------------------------------------------------
 

@@ -36,8 +36,12 @@ def serve(
     threads: Annotated[int | None, _option("--threads", env="THREADS", help="CPU threads for the model (default: all cores but one, which serves HTTP).")] = None,
     shutdown_timeout: Annotated[float, _option("--shutdown-timeout", env="SHUTDOWN_TIMEOUT", help="Seconds running requests get to finish on SIGTERM before they are aborted.")] = 30.0,
     log_level: Annotated[str, _option("--log-level", env="LOG_LEVEL", help="uvicorn log level (info shows every request).")] = "warning",
+    index: Annotated[str | None, _option("--index", env="INDEX", help="Search index for POST /v1/search and the /search page (made by `hanlin index add`).")] = None,
+    searxng: Annotated[str | None, _option("--searxng", env="SEARXNG", help="SearXNG base URL for web search (http://host:port).")] = None,
+    allow_private_fetch: Annotated[bool, _option("--allow-private-fetch/--no-allow-private-fetch", env="ALLOW_PRIVATE_FETCH", help="Let web search fetch pages on private, loopback and link-local addresses.")] = False,
+    embedding_model: Annotated[str, _option("--embedding-model", env="EMBEDDING_MODEL", help="Encoder for POST /v1/embeddings and the search index (minilm or a BERT directory).")] = "minilm",
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /."""
+    """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at / and AI search at /search."""
     from hanlin.checkpoints.registry import resolve
     from hanlin.engine.options import EngineOptions
     from hanlin.metering import MeteringStore
@@ -51,17 +55,35 @@ def serve(
     if shutdown_timeout < 0:
         raise HanlinError(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
     path = resolve(model)  # a bad name fails now, not after the server has started
+    search_settings = _search_settings(index, searxng, allow_private_fetch)
     aliases = [name for name in (model, path.stem if path.is_file() else path.name) if name]
     store = MeteringStore.open(db)
     try:
         sock = _bind(host, port)
-        run_server(sock, options, store, aliases, shutdown_timeout, log_level)
+        run_server(sock, options, store, aliases, shutdown_timeout, log_level,
+                   search_settings=search_settings, embedding_model=embedding_model)
     finally:
         store.close()
 
 
+def _search_settings(index: str | None, searxng: str | None, allow_private_fetch: bool) -> Any:
+    """What POST /v1/search may use; None when neither an index nor a web backend was given."""
+    from pathlib import Path
+
+    from hanlin.server.search import SearchSettings
+
+    if index is not None and not Path(index).expanduser().is_file():
+        raise HanlinError(f"--index {index}: no such file (create it with `hanlin index add --index {index} PATH…`)")
+    if searxng is not None and not searxng.startswith(("http://", "https://")):
+        raise HanlinError(f"--searxng must be an http(s) URL, got {searxng!r}")
+    if index is None and searxng is None:
+        return None
+    return SearchSettings(index=Path(index).expanduser().resolve() if index else None, searxng_url=searxng,
+                          allow_private_fetch=allow_private_fetch)
+
+
 def run_server(sock: socket.socket, options: Any, store: Any, aliases: list[str], shutdown_timeout: float,
-               log_level: str) -> None:
+               log_level: str, *, search_settings: Any = None, embedding_model: str = "minilm") -> None:
     import uvicorn
 
     from hanlin.server import create_app
@@ -82,9 +104,11 @@ def run_server(sock: socket.socket, options: Any, store: Any, aliases: list[str]
             server.should_exit = True
             return
         base = f"http://{_url_host(bound_host)}:{bound_port}"
-        print(f"Hanlin is serving {aliases[0]} at {base}/ (chat page) — OpenAI API at {base}/v1", flush=True)
+        search = f" — AI search at {base}/search" if search_settings is not None else ""
+        print(f"Hanlin is serving {aliases[0]} at {base}/ (chat page) — OpenAI API at {base}/v1{search}", flush=True)
 
-    app = create_app(options, store=store, aliases=aliases, shutdown_timeout=shutdown_timeout, on_ready=on_ready)
+    app = create_app(options, store=store, aliases=aliases, shutdown_timeout=shutdown_timeout, on_ready=on_ready,
+                     search_settings=search_settings, embedding_model=embedding_model)
     config = uvicorn.Config(
         app, log_level=log_level.lower(), access_log=log_level.lower() in ("debug", "trace", "info"),
         timeout_graceful_shutdown=shutdown_timeout + 10.0, lifespan="on",  # the engine aborts first

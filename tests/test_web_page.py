@@ -29,7 +29,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]
-START_TIMEOUT_S = 120
+START_TIMEOUT_S = 300
 ANSWER_TIMEOUT_MS = 60_000
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from hanlin.server import chat, completions, routes
+from hanlin.server import chat, completions, embeddings, routes, search
 from hanlin.server.errors import install_error_handlers
 from hanlin.server.metrics import RequestCounter
 from hanlin.server.state import ServerState
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from hanlin.engine.options import EngineOptions
 
 log = logging.getLogger("hanlin.server")
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-             "/metrics", "/"}
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/v1/search", "/tokenize",
+             "/detokenize", "/health", "/metrics", "/", "/search"}
 
 
 def create_app(
@@ -57,11 +57,15 @@ def create_app(
     shutdown_timeout: float = 30.0,
     on_ready: Callable[[ServerState], None] | None = None,
     engine_factory: Callable[[EngineOptions], AsyncEngine] | None = None,
+    search_settings: Any = None,
+    embedding_model: str = "minilm",
 ) -> FastAPI:
     """The app; the model loads in the background once the app starts (see ServerState.start_loading).
 
     store: a hanlin.metering.MeteringStore for keys and usage rows, or None for neither.
     aliases: more names the model answers to besides the engine's model_name.
+    search_settings: a hanlin.server.search.SearchSettings (index file, web backend) for POST /v1/search, or None.
+    embedding_model: the encoder POST /v1/embeddings serves (loaded on first use).
     """
     state = ServerState(options=options, store=store, aliases=list(aliases or []),
                         shutdown_timeout=shutdown_timeout, on_ready=on_ready, engine_factory=engine_factory)
@@ -81,6 +85,10 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(routes.router)
+    app.include_router(embeddings.router)
+    app.include_router(search.router)
+    app.state.search_settings = search_settings
+    app.state.embedding_model = embedding_model
     app.mount("/static", StaticFiles(directory=routes.STATIC_DIR, check_dir=False), name="static")
     app.add_middleware(RequestCounter, metrics=state.metrics, endpoints=ENDPOINTS)
     return app

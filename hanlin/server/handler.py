@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
@@ -75,18 +75,20 @@ class DisconnectWatcher:
 
 
 class RunStream(StreamingResponse):
-    """The SSE response; however it ends (even cancelled before its first byte), an unfinished run is aborted."""
+    """The SSE response; however it ends (even cancelled before its first byte), an unfinished run is stopped."""
 
-    def __init__(self, run: RequestRun, events: AsyncIterator[str]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.run = run
+    def __init__(self, events: AsyncIterator[str], *, is_done: Callable[[], bool], stop: Callable[[], None],
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+        self.is_done = is_done
+        self.stop = stop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if not self.run.done:
-                self.run.abort(client_gone=True)
+            if not self.is_done():
+                self.stop()
 
 
 async def respond(request: Request, run: RequestRun, view: View, stream: bool) -> Response:
@@ -96,7 +98,8 @@ async def respond(request: Request, run: RequestRun, view: View, stream: bool) -
             await watcher.race(run.start())
             if stream:
                 watcher.stop()  # from here on Starlette watches, and cancels the stream when the client leaves
-                return RunStream(run, stream_events(run, view))
+                return RunStream(stream_events(run, view), is_done=lambda: run.done,
+                                 stop=lambda: run.abort(client_gone=True))
             return JSONResponse(await watcher.race(collect(run, view)))
         except ClientGone:
             run.abort(client_gone=True)

@@ -1,0 +1,251 @@
+"""BERT-style encoder (post-LN, absolute positions, token types): config, module and safetensors loader.
+
+Covers the checkpoints sentence-transformers ships for BERT (all-MiniLM-L6-v2 and friends). The query, key and
+value projections are fused into one [3D, D] linear so each layer runs one GEMM for them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hanlin.errors import CheckpointError, UnsupportedModelError
+
+_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise UnsupportedModelError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise UnsupportedModelError(f"BERT activation {self.hidden_act!r} is not supported "
+                                        f"(supported: {', '.join(_ACTIVATIONS)})")
+        self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> BertConfig:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        if raw.get("model_type") != "bert":
+            raise UnsupportedModelError(f"{path}: model_type {raw.get('model_type')!r} is not 'bert'")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise UnsupportedModelError(f"{path}: only absolute position embeddings are supported")
+        fields = {name for name in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in fields and v is not None})
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, ids_BT: torch.Tensor, token_types_BT: torch.Tensor) -> torch.Tensor:
+        positions_T = torch.arange(ids_BT.shape[1], device=ids_BT.device)
+        x_BTD = self.word(ids_BT) + self.token_type(token_types_BT) + self.position(positions_T)
+        return self.norm(x_BTD)
+
+
+class BertLayer(nn.Module):
+    """Self-attention then MLP, each followed by residual add and LayerNorm (post-LN)."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.gelu_approximate = _ACTIVATIONS[config.hidden_act]
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_out = nn.Linear(d, d)
+        self.attn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.up = nn.Linear(d, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, d)
+        self.mlp_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.up_applies_gelu = False  # set when `up` is swapped for a linear with GELU fused in (pack_bf16)
+
+    def forward(self, x_BTD: torch.Tensor, keep_B11T: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        qkv_3BHTK = self.qkv(x_BTD).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn_BHTK = F.scaled_dot_product_attention(qkv_3BHTK[0], qkv_3BHTK[1], qkv_3BHTK[2], attn_mask=keep_B11T)
+        attn_BTD = attn_BHTK.transpose(1, 2).reshape(B, T, D)
+        x_BTD = self.attn_norm(x_BTD + self.attn_out(attn_BTD))
+        hidden_BTF = self.up(x_BTD)
+        if not self.up_applies_gelu:
+            hidden_BTF = F.gelu(hidden_BTF, approximate=self.gelu_approximate)
+        return self.mlp_norm(x_BTD + self.down(hidden_BTF))
+
+
+class BertModel(nn.Module):
+    """forward(ids [B, T], attention_mask [B, T] of 1/0) -> last hidden states [B, T, D]."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None,
+                token_types_BT: torch.Tensor | None = None) -> torch.Tensor:
+        if token_types_BT is None:
+            token_types_BT = torch.zeros_like(ids_BT)
+        x_BTD = self.embeddings(ids_BT, token_types_BT)
+        keep_B11T = None
+        if attention_mask_BT is not None and not bool(attention_mask_BT.all()):
+            keep_B11T = attention_mask_BT.bool()[:, None, None, :]
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, keep_B11T)
+        return x_BTD
+
+
+def _hf_names(layer: int) -> dict[str, str]:
+    """Hanlin parameter name (within layer i) -> Hugging Face name."""
+    hf = f"encoder.layer.{layer}."
+    return {
+        "attn_out.weight": hf + "attention.output.dense.weight",
+        "attn_out.bias": hf + "attention.output.dense.bias",
+        "attn_norm.weight": hf + "attention.output.LayerNorm.weight",
+        "attn_norm.bias": hf + "attention.output.LayerNorm.bias",
+        "up.weight": hf + "intermediate.dense.weight",
+        "up.bias": hf + "intermediate.dense.bias",
+        "down.weight": hf + "output.dense.weight",
+        "down.bias": hf + "output.dense.bias",
+        "mlp_norm.weight": hf + "output.LayerNorm.weight",
+        "mlp_norm.bias": hf + "output.LayerNorm.bias",
+    }
+
+
+_EMBEDDING_NAMES = {
+    "embeddings.word.weight": "embeddings.word_embeddings.weight",
+    "embeddings.position.weight": "embeddings.position_embeddings.weight",
+    "embeddings.token_type.weight": "embeddings.token_type_embeddings.weight",
+    "embeddings.norm.weight": "embeddings.LayerNorm.weight",
+    "embeddings.norm.bias": "embeddings.LayerNorm.bias",
+}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises SafetensorError (a subclass)
+        raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from exc
+    prefix = "bert."
+    if any(name.startswith(prefix + "embeddings.") for name in tensors):
+        tensors = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+    return tensors
+
+
+def hanlin_state_dict(tensors: dict[str, torch.Tensor], config: BertConfig) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face BERT state dict (without the "bert." prefix) onto BertModel's names."""
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise CheckpointError(f"BERT checkpoint lacks tensor {name!r}")
+        return tensors[name]
+
+    state = {ours: take(theirs) for ours, theirs in _EMBEDDING_NAMES.items()}
+    for i in range(config.num_hidden_layers):
+        for ours, theirs in _hf_names(i).items():
+            state[f"layers.{i}.{ours}"] = take(theirs)
+        self_attn = f"encoder.layer.{i}.attention.self."
+        for kind in ("weight", "bias"):
+            state[f"layers.{i}.qkv.{kind}"] = torch.cat(
+                [take(self_attn + part + "." + kind) for part in ("query", "key", "value")])
+    return state
+
+
+def load_bert(directory: str | Path) -> BertModel:
+    """A float32 BertModel in eval mode from a directory with config.json and model.safetensors."""
+    directory = Path(directory)
+    weights = directory / "model.safetensors"
+    if not (directory / "config.json").is_file() or not weights.is_file():
+        raise CheckpointError(f"{directory}: a BERT checkpoint needs config.json and model.safetensors")
+    config = BertConfig.from_json(directory / "config.json")
+    state = hanlin_state_dict(_read_tensors(weights), config)
+    with torch.device("meta"):
+        model = BertModel(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W int8 per output channel and x quantized per token at run time (int8 GEMM, int32
+    accumulation). Per-token scales keep BERT's few large activations from flattening every other token."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight_NK = linear.weight.detach().float()
+        scale_N = weight_NK.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight_KN", (weight_NK / scale_N[:, None]).round().to(torch.int8).t().contiguous())
+        self.register_buffer("scale_N", scale_N)
+        bias_N = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale_N)
+        self.register_buffer("bias_N", bias_N)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_MK = x.reshape(-1, shape[-1]).float()
+        scale_M1 = x_MK.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+        q_MK = (x_MK / scale_M1).round_().to(torch.int8)
+        y_MN = torch._int_mm(q_MK, self.weight_KN).float()
+        y_MN = torch.addcmul(self.bias_N, y_MN, scale_M1 * self.scale_N)
+        return y_MN.view(*shape[:-1], -1).to(x.dtype)
+
+
+def quantize_int8(model: BertModel) -> BertModel:
+    """Swap every encoder linear for an Int8Linear (in place); embeddings and LayerNorms stay float."""
+    for layer in model.layers:
+        for name in ("qkv", "attn_out", "up", "down"):
+            setattr(layer, name, Int8Linear(getattr(layer, name)))
+    return model
+
+
+class PackedLinear(nn.Module):
+    """A CPU linear on oneDNN with its weight reordered once into the GEMM kernel's layout (what inductor's
+    freezing does), optionally with GELU fused into the GEMM's epilogue. bf16 on AVX512-BF16 / AMX CPUs."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, *, gelu: str | None = None,
+                 batch_hint: int = 4096) -> None:
+        super().__init__()
+        weight = linear.weight.detach().to(dtype)
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint))
+        self.register_buffer("bias", linear.bias.detach().to(dtype) if linear.bias is not None else None)
+        self.attr, self.algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.attr, [], self.algorithm)
+
+
+def can_pack() -> bool:
+    """Whether this PyTorch build has the oneDNN CPU linear kernels PackedLinear uses."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def pack_bf16(model: BertModel) -> BertModel:
+    """bf16 everywhere, encoder linears as PackedLinear with GELU fused into `up` (in place, CPU only)."""
+    model = model.to(torch.bfloat16)
+    for layer in model.layers:
+        for name in ("qkv", "attn_out", "down"):
+            setattr(layer, name, PackedLinear(getattr(layer, name), torch.bfloat16))
+        layer.up = PackedLinear(layer.up, torch.bfloat16, gelu=layer.gelu_approximate)
+        layer.up_applies_gelu = True
+    return model
