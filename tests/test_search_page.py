@@ -10,25 +10,17 @@ deterministic; the live case runs the real agent.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from browser import offline_browser, require_playwright
 from conftest import LiveServer, has_embedded_model
 
 from hanlin.apps.search.index import SearchIndex
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
+require_playwright()
 ANSWER_TIMEOUT_MS = 180_000
 XSS = '<img src=x onerror="window.__pwned = 1; alert(1)"> <script>window.__pwned = 2; alert(2)</script>'
 EVIL_DOCUMENT = f"The lighthouse keeper's cat is named Biscuit. {XSS}\nBiscuit sleeps on the lighthouse stairs.\n"
@@ -53,27 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory: pytest.TempPathFactory, server: LiveServer) -> Iterator[Any]:
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS,
-        )
-        context.set_default_timeout(15_000)
-        outside: list[str] = []
-
-        def only_this_server(route: Any) -> None:  # the page must work offline
-            if route.request.url.startswith(server.url + "/"):
-                route.continue_()
-            else:
-                outside.append(route.request.url)
-                route.abort()
-
-        context.route("**/*", only_this_server)
-        context.outside_requests = outside
-        try:
-            yield context
-        finally:
-            context.close()
+    with offline_browser(tmp_path_factory.mktemp("chromium-profile"), server.url) as context:
+        yield context
 
 
 @pytest.fixture

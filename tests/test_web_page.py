@@ -19,16 +19,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import offline_browser, require_playwright
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
+require_playwright()
 START_TIMEOUT_S = 300
 ANSWER_TIMEOUT_MS = 60_000
 
@@ -90,28 +83,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory: pytest.TempPathFactory, server_url: str):
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-        )
-        context.set_default_timeout(15_000)
-        outside: list[str] = []
-
-        # The page must work offline: nothing may be fetched from anywhere but this server.
-        def only_this_server(route):
-            if route.request.url.startswith(server_url + "/"):
-                route.continue_()
-            else:
-                outside.append(route.request.url)
-                route.abort()
-
-        context.route("**/*", only_this_server)
-        context.outside_requests = outside  # type: ignore[attr-defined]
-        try:
-            yield context
-        finally:
-            context.close()
+    with offline_browser(tmp_path_factory.mktemp("chromium-profile"), server_url) as context:
+        yield context
 
 
 @pytest.fixture
