@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from hanlin.cli_options import env_option
 from hanlin.errors import HanlinError
 
 if TYPE_CHECKING:
@@ -28,24 +29,20 @@ stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
 
 
-def _option(*names: str, env: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, envvar=f"HANLIN_{env}", help=help, show_envvar=True, **kwargs)
-
-
-ModelOption = Annotated[str, _option("--model", "-m", env="MODEL", help="Model name (smollm2), .gguf file or Hugging Face directory.")]
-Temperature = Annotated[float, _option("--temperature", env="TEMPERATURE", help="Sampling temperature; 0 = greedy.")]
-TopP = Annotated[float, _option("--top-p", env="TOP_P", help="Nucleus sampling mass in (0, 1].")]
-TopK = Annotated[int, _option("--top-k", env="TOP_K", help="Keep the k most likely tokens; 0 = off.")]
-MinP = Annotated[float, _option("--min-p", env="MIN_P", help="Drop tokens below min-p × the best token's probability.")]
-RepetitionPenalty = Annotated[float, _option("--repetition-penalty", env="REPETITION_PENALTY", help="> 1 discourages tokens already seen; 1 = off.")]
-PresencePenalty = Annotated[float, _option("--presence-penalty", env="PRESENCE_PENALTY", help="Subtracted once from generated tokens' logits, in [-2, 2].")]
-FrequencyPenalty = Annotated[float, _option("--frequency-penalty", env="FREQUENCY_PENALTY", help="Subtracted per occurrence of a generated token, in [-2, 2].")]
-Seed = Annotated[int | None, _option("--seed", env="SEED", help="Random seed for reproducible sampling.")]
-MaxTokens = Annotated[int, _option("--max-tokens", "-n", env="MAX_TOKENS", help="Most tokens to generate per reply.")]
-Stop = Annotated[list[str] | None, _option("--stop", env="STOP", help="Stop when this string is generated (repeatable).")]
-JsonOutput = Annotated[bool, _option("--json", env="JSON", help="Print one JSON object instead of text.")]
-Quantize = Annotated[str | None, _option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32); faster decode on CPU.")]
-Device = Annotated[str | None, _option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")]
+ModelOption = Annotated[str, env_option("--model", "-m", env="MODEL", help="Model name (smollm2), .gguf file or Hugging Face directory.")]
+Temperature = Annotated[float, env_option("--temperature", env="TEMPERATURE", help="Sampling temperature; 0 = greedy.")]
+TopP = Annotated[float, env_option("--top-p", env="TOP_P", help="Nucleus sampling mass in (0, 1].")]
+TopK = Annotated[int, env_option("--top-k", env="TOP_K", help="Keep the k most likely tokens; 0 = off.")]
+MinP = Annotated[float, env_option("--min-p", env="MIN_P", help="Drop tokens below min-p × the best token's probability.")]
+RepetitionPenalty = Annotated[float, env_option("--repetition-penalty", env="REPETITION_PENALTY", help="> 1 discourages tokens already seen; 1 = off.")]
+PresencePenalty = Annotated[float, env_option("--presence-penalty", env="PRESENCE_PENALTY", help="Subtracted once from generated tokens' logits, in [-2, 2].")]
+FrequencyPenalty = Annotated[float, env_option("--frequency-penalty", env="FREQUENCY_PENALTY", help="Subtracted per occurrence of a generated token, in [-2, 2].")]
+Seed = Annotated[int | None, env_option("--seed", env="SEED", help="Random seed for reproducible sampling.")]
+MaxTokens = Annotated[int, env_option("--max-tokens", "-n", env="MAX_TOKENS", help="Most tokens to generate per reply.")]
+Stop = Annotated[list[str] | None, env_option("--stop", env="STOP", help="Stop when this string is generated (repeatable).")]
+JsonOutput = Annotated[bool, env_option("--json", env="JSON", help="Print one JSON object instead of text.")]
+Quantize = Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32); faster decode on CPU.")]
+Device = Annotated[str | None, env_option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")]
 
 
 def sampling_params(**values: Any) -> SamplingParams:
@@ -99,7 +96,7 @@ CHAT_HELP = "/reset clears the conversation · /system TEXT sets the system prom
 @app.command()
 def chat(
     model: ModelOption = "smollm2",
-    system: Annotated[str | None, _option("--system", "-s", env="SYSTEM", help="System prompt.")] = None,
+    system: Annotated[str | None, env_option("--system", "-s", env="SYSTEM", help="System prompt.")] = None,
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
     top_k: TopK = 0,
@@ -233,8 +230,8 @@ def _stream_reply(llm: LLM, prompt_ids: list[int], params: SamplingParams) -> tu
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message, or raw text with --raw).")],
     model: ModelOption = "smollm2",
-    chat_template: Annotated[bool | None, _option("--chat/--raw", env="CHAT", help="Wrap the prompt in the model's chat template (default: when it has one) or use it as raw text.")] = None,
-    system: Annotated[str | None, _option("--system", "-s", env="SYSTEM", help="System prompt (chat mode).")] = None,
+    chat_template: Annotated[bool | None, env_option("--chat/--raw", env="CHAT", help="Wrap the prompt in the model's chat template (default: when it has one) or use it as raw text.")] = None,
+    system: Annotated[str | None, env_option("--system", "-s", env="SYSTEM", help="System prompt (chat mode).")] = None,
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
     top_k: TopK = 0,
@@ -245,7 +242,7 @@ def generate(
     seed: Seed = None,
     max_tokens: MaxTokens = 256,
     stop: Stop = None,
-    ignore_eos: Annotated[bool, _option("--ignore-eos", env="IGNORE_EOS", help="Keep going past end-of-sequence tokens.")] = False,
+    ignore_eos: Annotated[bool, env_option("--ignore-eos", env="IGNORE_EOS", help="Keep going past end-of-sequence tokens.")] = False,
     json_output: JsonOutput = False,
     quantize: Quantize = None,
     device: Device = None,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from hanlin.cli_options import env_option
 from hanlin.errors import HanlinError
 
 stdout = Console(highlight=False)
@@ -18,10 +19,6 @@ scaling_app = typer.Typer(help="Scaling laws over a sweep of training runs.", no
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
-
-
-def _option(*names: str, env: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, envvar=f"HANLIN_{env}", help=help, show_envvar=True, **kwargs)
 
 
 def register(app: typer.Typer) -> None:
@@ -33,9 +30,9 @@ def register(app: typer.Typer) -> None:
 
 def export(
     checkpoint: Annotated[str, typer.Argument(help="A training run directory (its latest checkpoint) or a checkpoints/step-N directory.")],
-    out: Annotated[str, _option("--out", "-o", env="EXPORT_OUT", help="Directory to write (replaced if it holds an earlier export).")],
-    tokenizer: Annotated[str | None, _option("--tokenizer", env="EXPORT_TOKENIZER", help="Tokenizer to ship with the model (default: the one the run's config.yaml names).")] = None,
-    dtype: Annotated[str | None, _option("--dtype", env="EXPORT_DTYPE", help="Stored dtype: float32, bfloat16 or float16 (default: as trained).")] = None,
+    out: Annotated[str, env_option("--out", "-o", env="EXPORT_OUT", help="Directory to write (replaced if it holds an earlier export).")],
+    tokenizer: Annotated[str | None, env_option("--tokenizer", env="EXPORT_TOKENIZER", help="Tokenizer to ship with the model (default: the one the run's config.yaml names).")] = None,
+    dtype: Annotated[str | None, env_option("--dtype", env="EXPORT_DTYPE", help="Stored dtype: float32, bfloat16 or float16 (default: as trained).")] = None,
 ) -> None:
     """Export a training checkpoint as a Hugging Face directory, which `hanlin serve --model DIR` also serves."""
     import torch
@@ -53,7 +50,7 @@ def export(
 
 def plot(
     run_dirs: Annotated[list[str], typer.Argument(help="Training run directories (each holds metrics.jsonl).")],
-    out: Annotated[str | None, _option("--out", "-o", env="PLOT_OUT", help="Directory for the PNGs (default: RUN_DIR/plots for one run, ./plots for several).")] = None,
+    out: Annotated[str | None, env_option("--out", "-o", env="PLOT_OUT", help="Directory for the PNGs (default: RUN_DIR/plots for one run, ./plots for several).")] = None,
 ) -> None:
     """Plot loss (train and validation, vs tokens and steps), learning rate and MoE expert load as PNGs."""
     from hanlin.train.plot import plot_runs
@@ -65,9 +62,9 @@ def plot(
 @scaling_app.command("fit")
 def scaling_fit(
     run_dirs: Annotated[list[str], typer.Argument(help="Training run directories of a sweep (at least 5), varying model size and tokens.")],
-    out: Annotated[str, _option("--out", "-o", env="SCALING_OUT", help="Directory for scaling.json and scaling.png.")] = "scaling",
-    budget: Annotated[list[float] | None, _option("--budget", env="SCALING_BUDGET", help="Compute budget C in FLOPs for the compute-optimal split (repeatable; default: powers of ten around the sweep).")] = None,
-    json_output: Annotated[bool, _option("--json", env="JSON", help="Print the fit as one JSON object.")] = False,
+    out: Annotated[str, env_option("--out", "-o", env="SCALING_OUT", help="Directory for scaling.json and scaling.png.")] = "scaling",
+    budget: Annotated[list[float] | None, env_option("--budget", env="SCALING_BUDGET", help="Compute budget C in FLOPs for the compute-optimal split (repeatable; default: powers of ten around the sweep).")] = None,
+    json_output: Annotated[bool, env_option("--json", env="JSON", help="Print the fit as one JSON object.")] = False,
 ) -> None:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to the runs' final validation losses (Chinchilla approach 3)."""
     from hanlin.train.scaling import default_budgets, fit_scaling, plot_fit, read_run

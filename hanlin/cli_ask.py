@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hanlin.cli_index import default_index_path
+from hanlin.cli_index import IndexOption, default_index_path
+from hanlin.cli_options import env_option
 
 if TYPE_CHECKING:
     from hanlin.apps.search.types import Event
@@ -21,24 +21,20 @@ stdout = Console(highlight=False)
 SHOWN_HITS = 3
 
 
-def _option(*names: str, env: str, help: str) -> Any:
-    return typer.Option(*names, envvar=f"HANLIN_{env}", help=help, show_envvar=True)
-
-
 def ask(
     question: Annotated[str, typer.Argument(help="The question to answer from your documents (or the web).")],
-    index: Annotated[Path | None, _option("--index", env="INDEX", help="Index file (default: ~/.local/share/hanlin/index.db).")] = None,
-    web: Annotated[str | None, _option("--web", env="WEB", help="SearXNG URL to search the web too (or alone when there is no index).")] = None,
-    model: Annotated[str, _option("--model", "-m", env="MODEL", help="Model name (smollm2), .gguf file or Hugging Face directory.")] = "smollm2",
-    max_queries: Annotated[str, _option("--max-queries", env="MAX_QUERIES", help="Most search queries, the question included: 1 to 5 (1 skips planning), or auto (1 for a small model, else 3).")] = "auto",
-    k: Annotated[int, _option("-k", "--k", env="K", help="Passages retrieved per query.")] = 4,
-    max_tokens: Annotated[int, _option("--max-tokens", "-n", env="MAX_TOKENS", help="Most tokens in the answer (per-source writer: in each sentence, at most 48).")] = 256,
-    writer: Annotated[str, _option("--writer", env="WRITER", help="per-source (one passage at a time, each sentence cited with its passage), inline "
+    index: IndexOption = None,
+    web: Annotated[str | None, env_option("--web", env="WEB", help="SearXNG URL to search the web too (or alone when there is no index).")] = None,
+    model: Annotated[str, env_option("--model", "-m", env="MODEL", help="Model name (smollm2), .gguf file or Hugging Face directory.")] = "smollm2",
+    max_queries: Annotated[str, env_option("--max-queries", env="MAX_QUERIES", help="Most search queries, the question included: 1 to 5 (1 skips planning), or auto (1 for a small model, else 3).")] = "auto",
+    k: Annotated[int, env_option("-k", "--k", env="K", help="Passages retrieved per query.")] = 4,
+    max_tokens: Annotated[int, env_option("--max-tokens", "-n", env="MAX_TOKENS", help="Most tokens in the answer (per-source writer: in each sentence, at most 48).")] = 256,
+    writer: Annotated[str, env_option("--writer", env="WRITER", help="per-source (one passage at a time, each sentence cited with its passage), inline "
                                                        "(the model cites [n] itself) or auto (per-source under 1B parameters).")] = "auto",
-    temperature: Annotated[float, _option("--temperature", env="TEMPERATURE", help="Sampling temperature; 0 = greedy.")] = 0.0,
-    json_output: Annotated[bool, _option("--json", env="JSON", help="Print the result as one JSON object.")] = False,
-    quantize: Annotated[str | None, _option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 or int4.")] = None,
-    device: Annotated[str | None, _option("--device", env="DEVICE", help="torch device (cpu, cuda, ...).")] = None,
+    temperature: Annotated[float, env_option("--temperature", env="TEMPERATURE", help="Sampling temperature; 0 = greedy.")] = 0.0,
+    json_output: Annotated[bool, env_option("--json", env="JSON", help="Print the result as one JSON object.")] = False,
+    quantize: Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 or int4.")] = None,
+    device: Annotated[str | None, env_option("--device", env="DEVICE", help="torch device (cpu, cuda, ...).")] = None,
 ) -> None:
     """Answer QUESTION from the indexed documents, citing them: plan, search, read, answer, check citations."""
     from hanlin.apps.search.agent import WRITERS, check_not_empty, open_retriever, result_from_events, run

@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from hanlin.cli_options import env_option
 
 if TYPE_CHECKING:
     from hanlin.train.data import PrepareSummary
@@ -22,10 +24,6 @@ stdout = Console(highlight=False)
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 
 
-def _option(*names: str, env: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, envvar=f"HANLIN_{env}", help=help, show_envvar=True, **kwargs)
-
-
 def register(app: typer.Typer) -> None:
     """Add `data` (with `prepare`) to the main app."""
     app.add_typer(data_app, name="data")
@@ -34,12 +32,12 @@ def register(app: typer.Typer) -> None:
 @data_app.command("prepare")
 def prepare_command(
     inputs: Annotated[list[Path], typer.Argument(help="Text (.txt, .md), JSONL or Parquet files, or folders of them.", show_default=False)],
-    out: Annotated[Path, _option("--out", "-o", env="DATA_OUT", help="Directory to write the token shards to (new or empty).")],
-    tokenizer: Annotated[str, _option("--tokenizer", "-t", env="TOKENIZER", help="Model name (smollm2), .gguf file or Hugging Face directory whose tokenizer to use.")] = "smollm2",
-    validation_fraction: Annotated[float, _option("--validation-fraction", env="VALIDATION_FRACTION", help="Share of documents held out for validation, in [0, 1).")] = 0.01,
-    seed: Annotated[int, _option("--seed", env="DATA_SEED", help="Seed of the train/validation split.")] = 0,
-    text_field: Annotated[str, _option("--text-field", env="TEXT_FIELD", help="JSONL field / Parquet column holding the text.")] = "text",
-    overwrite: Annotated[bool, _option("--overwrite", env="OVERWRITE", help="Replace an existing dataset in --out.")] = False,
+    out: Annotated[Path, env_option("--out", "-o", env="DATA_OUT", help="Directory to write the token shards to (new or empty).")],
+    tokenizer: Annotated[str, env_option("--tokenizer", "-t", env="TOKENIZER", help="Model name (smollm2), .gguf file or Hugging Face directory whose tokenizer to use.")] = "smollm2",
+    validation_fraction: Annotated[float, env_option("--validation-fraction", env="VALIDATION_FRACTION", help="Share of documents held out for validation, in [0, 1).")] = 0.01,
+    seed: Annotated[int, env_option("--seed", env="DATA_SEED", help="Seed of the train/validation split.")] = 0,
+    text_field: Annotated[str, env_option("--text-field", env="TEXT_FIELD", help="JSONL field / Parquet column holding the text.")] = "text",
+    overwrite: Annotated[bool, env_option("--overwrite", env="OVERWRITE", help="Replace an existing dataset in --out.")] = False,
 ) -> None:
     """Tokenize documents into memory-mapped token shards, split into train/validation by document."""
     from hanlin.train.data import DataWarning, load_tokenizer, prepare

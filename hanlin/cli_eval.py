@@ -15,14 +15,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from hanlin.cli_data import output_console
+from hanlin.cli_options import env_option
 
 stderr = Console(stderr=True, highlight=False)
 
 eval_app = typer.Typer(help="Evaluate applications on their QA sets.", no_args_is_help=True)
-
-
-def _option(*names: str, env: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, envvar=f"HANLIN_{env}", help=help, show_envvar=True, **kwargs)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,16 +29,16 @@ def register(app: typer.Typer) -> None:
 
 @eval_app.command("search")
 def search_command(
-    qa: Annotated[Path | None, _option("--qa", env="EVAL_QA", help="QA file (JSON lines); default evals/search/qa.jsonl.", show_default=False)] = None,
-    corpus: Annotated[list[Path] | None, _option("--corpus", env="EVAL_CORPUS", help="Corpus folder the QA sources are relative to (repeatable); default ../shared/data/corpora and evals/search/zh.", show_default=False)] = None,
-    index: Annotated[Path | None, _option("--index", env="EVAL_INDEX", help="Index file to build or reuse; default runs/search-eval/index-<corpus hash>.db.", show_default=False)] = None,
-    modes: Annotated[str, _option("--modes", env="EVAL_MODES", help="Retrieval modes to score, comma-separated.")] = "bm25,dense,hybrid",
-    k: Annotated[int, _option("--k", "-k", env="EVAL_K", help="Passages retrieved per question (recall@k).")] = 5,
-    no_answers: Annotated[bool, _option("--no-answers", env="EVAL_NO_ANSWERS", help="Score retrieval only; do not run the agent.")] = False,
-    model: Annotated[str, _option("--model", "-m", env="MODEL", help="Model that writes the answers (smollm2, .gguf file or HF directory).")] = "smollm2",
-    limit: Annotated[int | None, _option("--limit", env="EVAL_LIMIT", help="Ask only this many questions, spread over the set.", show_default=False)] = None,
-    json_output: Annotated[bool, _option("--json", env="JSON", help="Print the report as one JSON object.")] = False,
-    output: Annotated[Path | None, _option("--output", "-o", env="EVAL_OUTPUT", help="Also write the full JSON report (with per-question results) here.", show_default=False)] = None,
+    qa: Annotated[Path | None, env_option("--qa", env="EVAL_QA", help="QA file (JSON lines); default evals/search/qa.jsonl.", show_default=False)] = None,
+    corpus: Annotated[list[Path] | None, env_option("--corpus", env="EVAL_CORPUS", help="Corpus folder the QA sources are relative to (repeatable); default ../shared/data/corpora and evals/search/zh.", show_default=False)] = None,
+    index: Annotated[Path | None, env_option("--index", env="EVAL_INDEX", help="Index file to build or reuse; default runs/search-eval/index-<corpus hash>.db.", show_default=False)] = None,
+    modes: Annotated[str, env_option("--modes", env="EVAL_MODES", help="Retrieval modes to score, comma-separated.")] = "bm25,dense,hybrid",
+    k: Annotated[int, env_option("--k", "-k", env="EVAL_K", help="Passages retrieved per question (recall@k).")] = 5,
+    no_answers: Annotated[bool, env_option("--no-answers", env="EVAL_NO_ANSWERS", help="Score retrieval only; do not run the agent.")] = False,
+    model: Annotated[str, env_option("--model", "-m", env="MODEL", help="Model that writes the answers (smollm2, .gguf file or HF directory).")] = "smollm2",
+    limit: Annotated[int | None, env_option("--limit", env="EVAL_LIMIT", help="Ask only this many questions, spread over the set.", show_default=False)] = None,
+    json_output: Annotated[bool, env_option("--json", env="JSON", help="Print the report as one JSON object.")] = False,
+    output: Annotated[Path | None, env_option("--output", "-o", env="EVAL_OUTPUT", help="Also write the full JSON report (with per-question results) here.", show_default=False)] = None,
 ) -> None:
     """Score BM25, dense and hybrid retrieval (recall@k, MRR) and the agent's answers (EM, F1, ALCE citations)."""
     from hanlin.apps.search.evaluation import DEFAULT_CORPORA, DEFAULT_QA, evaluate

@@ -7,13 +7,15 @@ import os
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from hanlin.cli_options import env_option
 
 if TYPE_CHECKING:
     from hanlin.apps.search.index import AddReport, SearchIndex
@@ -27,10 +29,6 @@ SNIPPET_CHARS = 240
 LISTED_SKIPS = 20  # skipped files listed one by one; beyond that, counted by reason
 
 
-def _option(*names: str, env: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, envvar=f"HANLIN_{env}", help=help, show_envvar=True, **kwargs)
-
-
 def register(app: typer.Typer) -> None:
     """Add `index` (add, list, remove, stats, search) to the main app."""
     app.add_typer(index_app, name="index")
@@ -41,9 +39,9 @@ def default_index_path() -> Path:
     return Path(os.environ.get("HANLIN_INDEX") or "~/.local/share/hanlin/index.db").expanduser()
 
 
-IndexOption = Annotated[Path | None, _option("--index", env="INDEX", help="Index file (default: ~/.local/share/hanlin/index.db).")]
-EmbeddingModelOption = Annotated[str, _option("--embedding-model", env="EMBEDDING_MODEL", help="Encoder for dense search: minilm or a BERT model directory.")]
-JsonOption = Annotated[bool, _option("--json", env="JSON", help="Print JSON instead of text.")]
+IndexOption = Annotated[Path | None, env_option("--index", env="INDEX", help="Index file (default: ~/.local/share/hanlin/index.db).")]
+EmbeddingModelOption = Annotated[str, env_option("--embedding-model", env="EMBEDDING_MODEL", help="Encoder for dense search: minilm or a BERT model directory.")]
+JsonOption = Annotated[bool, env_option("--json", env="JSON", help="Print JSON instead of text.")]
 
 
 def _open(index: Path | None, embedding_model: str = "minilm", *, create: bool = False,
@@ -68,7 +66,7 @@ def add_command(
     paths: Annotated[list[Path], typer.Argument(help="Files (.txt, .md, .html, .pdf) or folders (read recursively).", show_default=False)],
     index: IndexOption = None,
     embedding_model: EmbeddingModelOption = "minilm",
-    lexical: Annotated[str | None, _option("--lexical", env="LEXICAL", help="Chinese handling of a NEW index: jieba (word segmentation) or trigram.")] = None,
+    lexical: Annotated[str | None, env_option("--lexical", env="LEXICAL", help="Chinese handling of a NEW index: jieba (word segmentation) or trigram.")] = None,
 ) -> None:
     """Index files and folders; unchanged files are skipped, changed ones re-indexed, deleted ones dropped."""
     from hanlin.apps.search.errors import SearchError
@@ -179,8 +177,8 @@ def stats_command(index: IndexOption = None, json_output: JsonOption = False) ->
 def search_command(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     index: IndexOption = None,
-    mode: Annotated[str, _option("--mode", env="SEARCH_MODE", help="hybrid (BM25 + dense, fused by rank), bm25 or dense.")] = "hybrid",
-    k: Annotated[int, _option("-k", "--k", env="K", help="How many passages to show.")] = 5,
+    mode: Annotated[str, env_option("--mode", env="SEARCH_MODE", help="hybrid (BM25 + dense, fused by rank), bm25 or dense.")] = "hybrid",
+    k: Annotated[int, env_option("-k", "--k", env="K", help="How many passages to show.")] = 5,
     embedding_model: EmbeddingModelOption = "minilm",
     json_output: JsonOption = False,
 ) -> None:

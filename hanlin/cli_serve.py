@@ -10,36 +10,33 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from hanlin.cli_options import env_option
 from hanlin.errors import HanlinError
 
 if TYPE_CHECKING:
     from hanlin.server.state import ServerState
 
 
-def _option(*names: str, env: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, envvar=f"HANLIN_{env}", help=help, show_envvar=True, **kwargs)
-
-
 def serve(
-    model: Annotated[str, _option("--model", "-m", env="MODEL", help="Model name (smollm2), .gguf file or Hugging Face directory.")] = "smollm2",
-    host: Annotated[str, _option("--host", env="HOST", help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
-    port: Annotated[int, _option("--port", "-p", env="PORT", help="Port to listen on (0 picks a free one).")] = 8000,
-    db: Annotated[str | None, _option("--db", env="DB", help="Keys and metering database: a SQLite path, sqlite:///path or postgresql://... (default: $HANLIN_HOME/hanlin.db).")] = None,
-    max_queued: Annotated[int, _option("--max-queued", env="MAX_QUEUED", help="Waiting requests before new ones get 429 with Retry-After.")] = 256,
-    quantize: Annotated[str | None, _option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32).")] = None,
-    device: Annotated[str | None, _option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")] = None,
-    max_num_seqs: Annotated[int, _option("--max-num-seqs", env="MAX_NUM_SEQS", help="Sequences decoded together in one step.")] = 64,
-    max_batched_tokens: Annotated[int, _option("--max-batched-tokens", env="MAX_BATCHED_TOKENS", help="Tokens computed per engine step (prefill chunks share it with decodes).")] = 256,
-    kv_cache_mb: Annotated[int, _option("--kv-cache-mb", env="KV_CACHE_MB", help="Memory for the paged KV cache, in MiB.")] = 1024,
-    max_model_len: Annotated[int | None, _option("--max-model-len", env="MAX_MODEL_LEN", help="Context length limit (default: the model's).")] = None,
-    prefix_caching: Annotated[bool, _option("--prefix-caching/--no-prefix-caching", env="PREFIX_CACHING", help="Reuse the KV cache of shared prompt prefixes.")] = True,
-    threads: Annotated[int | None, _option("--threads", env="THREADS", help="CPU threads for the model (default: all cores but one, which serves HTTP).")] = None,
-    shutdown_timeout: Annotated[float, _option("--shutdown-timeout", env="SHUTDOWN_TIMEOUT", help="Seconds running requests get to finish on SIGTERM before they are aborted.")] = 30.0,
-    log_level: Annotated[str, _option("--log-level", env="LOG_LEVEL", help="uvicorn log level (info shows every request).")] = "warning",
-    index: Annotated[str | None, _option("--index", env="INDEX", help="Search index for POST /v1/search and the /search page (made by `hanlin index add`).")] = None,
-    searxng: Annotated[str | None, _option("--searxng", env="SEARXNG", help="SearXNG base URL for web search (http://host:port).")] = None,
-    allow_private_fetch: Annotated[bool, _option("--allow-private-fetch/--no-allow-private-fetch", env="ALLOW_PRIVATE_FETCH", help="Let web search fetch pages on private, loopback and link-local addresses.")] = False,
-    embedding_model: Annotated[str, _option("--embedding-model", env="EMBEDDING_MODEL", help="Encoder for POST /v1/embeddings and the search index (minilm or a BERT directory).")] = "minilm",
+    model: Annotated[str, env_option("--model", "-m", env="MODEL", help="Model name (smollm2), .gguf file or Hugging Face directory.")] = "smollm2",
+    host: Annotated[str, env_option("--host", env="HOST", help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, env_option("--port", "-p", env="PORT", help="Port to listen on (0 picks a free one).")] = 8000,
+    db: Annotated[str | None, env_option("--db", env="DB", help="Keys and metering database: a SQLite path, sqlite:///path or postgresql://... (default: $HANLIN_HOME/hanlin.db).")] = None,
+    max_queued: Annotated[int, env_option("--max-queued", env="MAX_QUEUED", help="Waiting requests before new ones get 429 with Retry-After.")] = 256,
+    quantize: Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32).")] = None,
+    device: Annotated[str | None, env_option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")] = None,
+    max_num_seqs: Annotated[int, env_option("--max-num-seqs", env="MAX_NUM_SEQS", help="Sequences decoded together in one step.")] = 64,
+    max_batched_tokens: Annotated[int, env_option("--max-batched-tokens", env="MAX_BATCHED_TOKENS", help="Tokens computed per engine step (prefill chunks share it with decodes).")] = 256,
+    kv_cache_mb: Annotated[int, env_option("--kv-cache-mb", env="KV_CACHE_MB", help="Memory for the paged KV cache, in MiB.")] = 1024,
+    max_model_len: Annotated[int | None, env_option("--max-model-len", env="MAX_MODEL_LEN", help="Context length limit (default: the model's).")] = None,
+    prefix_caching: Annotated[bool, env_option("--prefix-caching/--no-prefix-caching", env="PREFIX_CACHING", help="Reuse the KV cache of shared prompt prefixes.")] = True,
+    threads: Annotated[int | None, env_option("--threads", env="THREADS", help="CPU threads for the model (default: all cores but one, which serves HTTP).")] = None,
+    shutdown_timeout: Annotated[float, env_option("--shutdown-timeout", env="SHUTDOWN_TIMEOUT", help="Seconds running requests get to finish on SIGTERM before they are aborted.")] = 30.0,
+    log_level: Annotated[str, env_option("--log-level", env="LOG_LEVEL", help="uvicorn log level (info shows every request).")] = "warning",
+    index: Annotated[str | None, env_option("--index", env="INDEX", help="Search index for POST /v1/search and the /search page (made by `hanlin index add`).")] = None,
+    searxng: Annotated[str | None, env_option("--searxng", env="SEARXNG", help="SearXNG base URL for web search (http://host:port).")] = None,
+    allow_private_fetch: Annotated[bool, env_option("--allow-private-fetch/--no-allow-private-fetch", env="ALLOW_PRIVATE_FETCH", help="Let web search fetch pages on private, loopback and link-local addresses.")] = False,
+    embedding_model: Annotated[str, env_option("--embedding-model", env="EMBEDDING_MODEL", help="Encoder for POST /v1/embeddings and the search index (minilm or a BERT directory).")] = "minilm",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at / and AI search at /search."""
     from hanlin.checkpoints.registry import resolve
