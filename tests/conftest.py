@@ -91,6 +91,17 @@ class LiveServer:
         with MeteringStore.open(str(self.db)) as store:
             return store.usage_rows()
 
+    def wait_for_usage_row(self, request_id: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        """The one usage row of a request, once the server has written it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = [r for r in self.usage_rows() if r.request_id == request_id]
+            if rows:
+                assert len(rows) == 1
+                return rows[0]
+            time.sleep(0.2)
+        raise AssertionError(f"no usage row for {request_id}")
+
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:

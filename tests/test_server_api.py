@@ -82,7 +82,7 @@ def test_chat_usage_matches_the_tokenizer(live_server: LiveServer, client: opena
     if choice.finish_reason == "length":
         assert usage.completion_tokens == 8
     # The usage row says the same.
-    row = wait_for_row(live_server, reply.id)
+    row = live_server.wait_for_usage_row(reply.id)
     assert (row.prompt_tokens, row.completion_tokens, row.status) == (
         usage.prompt_tokens, usage.completion_tokens, "length" if choice.finish_reason == "length" else "completed")
     assert row.endpoint == "/v1/chat/completions" and row.key_id is None and row.duration_seconds > 0
@@ -315,17 +315,6 @@ def test_tokenize_detokenize(live_server: LiveServer, tokenizer) -> None:  # typ
 # ---- disconnects, metrics -----------------------------------------------------------------------
 
 
-def wait_for_row(server: LiveServer, request_id: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = [r for r in server.usage_rows() if r.request_id == request_id]
-        if rows:
-            assert len(rows) == 1
-            return rows[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no usage row for {request_id}")
-
-
 def test_stream_disconnect_aborts_and_meters(live_server: LiveServer) -> None:
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "temperature": 0.7, "stream": True}
     with httpx.Client(timeout=300) as http, http.stream("POST", live_server.url + "/v1/chat/completions",
@@ -333,7 +322,7 @@ def test_stream_disconnect_aborts_and_meters(live_server: LiveServer) -> None:
         lines = response.iter_lines()
         first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
         next(line for line in lines if line.startswith("data: "))  # one content chunk, then hang up
-    row = wait_for_row(live_server, first["id"])
+    row = live_server.wait_for_usage_row(first["id"])
     assert row.status == "aborted" and 1 <= row.completion_tokens < 400
 
 

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -128,17 +127,6 @@ def sse_events(body: str) -> list[Any]:
     return events
 
 
-def wait_for_row(server: LiveServer, request_id: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = [r for r in server.usage_rows() if r.request_id == request_id]
-        if rows:
-            assert len(rows) == 1
-            return rows[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no usage row for {request_id}")
-
-
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -171,7 +159,7 @@ def test_whole_answer_json_and_its_usage_row(servers: SimpleNamespace) -> None:
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
-    row = wait_for_row(servers.main, body["id"])
+    row = servers.main.wait_for_usage_row(body["id"])
     assert (row.endpoint, row.status, row.key_id) == ("/v1/search", "completed", None)
     assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert row.duration_seconds > 0 and row.ttft_seconds is not None
@@ -200,7 +188,7 @@ def test_streamed_events_in_order(servers: SimpleNamespace) -> None:
     sources = next(e for e in events if e["type"] == "sources")["sources"]
     assert [s["text"] for s in sources] == [p["text"] for p in read["passages"]]
     usage = events[-1]["usage"]
-    row = wait_for_row(servers.main, request_id)
+    row = servers.main.wait_for_usage_row(request_id)
     assert (row.endpoint, row.status) == ("/v1/search", "completed")
     assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
 
@@ -214,7 +202,7 @@ def test_a_client_that_leaves_stops_the_search(servers: SimpleNamespace) -> None
         for line in response.iter_lines():
             if line.startswith("data: ") and '"type":"answer_delta"' in line:
                 break  # the answer has started: hang up
-    row = wait_for_row(servers.main, request_id)
+    row = servers.main.wait_for_usage_row(request_id)
     assert (row.endpoint, row.status) == ("/v1/search", "aborted")
     assert row.completion_tokens < 400 + 200
 

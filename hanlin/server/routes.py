@@ -91,10 +91,15 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/", include_in_schema=False)
-async def chat_page() -> Response:
-    page = STATIC_DIR / "index.html"
+def static_page(file_name: str, what: str) -> FileResponse:
+    """One of the web UI's HTML pages, or a 404 that names the missing file."""
+    page = STATIC_DIR / file_name
     if not page.is_file():
-        raise APIError(404, "the web chat page is not installed (hanlin/server/static/index.html is missing)",
+        raise APIError(404, f"{what} is not installed (hanlin/server/static/{file_name} is missing)",
                        code="not_found")
     return FileResponse(page, media_type="text/html")
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> Response:
+    return static_page("index.html", "the web chat page")

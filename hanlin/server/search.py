@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from hanlin.apps.search.types import Event
@@ -35,7 +35,7 @@ from hanlin.server.auth import authenticate
 from hanlin.server.errors import APIError, bad_request
 from hanlin.server.handler import CLIENT_CLOSED, ClientGone, DisconnectWatcher, RunStream, parse_body
 from hanlin.server.protocol import Strict
-from hanlin.server.routes import STATIC_DIR
+from hanlin.server.routes import static_page
 from hanlin.server.search_run import ENDPOINT, SearchRun, search_error
 from hanlin.server.search_sources import retriever_opener
 from hanlin.server.state import ServerState
@@ -113,11 +113,7 @@ def _agent_options(req: SearchRequest) -> dict[str, Any]:
 
 @router.get("/search", include_in_schema=False)
 async def search_page() -> Response:
-    page = STATIC_DIR / "search.html"
-    if not page.is_file():
-        raise APIError(404, "the search page is not installed (hanlin/server/static/search.html is missing)",
-                       code="not_found")
-    return FileResponse(page, media_type="text/html")
+    return static_page("search.html", "the search page")
 
 
 # ---- answers ------------------------------------------------------------------------------------------
