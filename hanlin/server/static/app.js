@@ -3,12 +3,15 @@
 "use strict";
 
 (() => {
+  const { readSSE, persist } = window.HanlinWeb;
   const $ = (id) => document.getElementById(id);
   const els = {
     model: $("model-name"), messages: $("messages"), hint: $("empty-hint"), error: $("error"),
     form: $("composer"), input: $("input"), send: $("send"), stop: $("stop"), newChat: $("new-chat"),
     temperature: $("temperature"), maxTokens: $("max-tokens"), apiKey: $("api-key"), settings: $("settings"),
   };
+  const headers = (extra) => window.HanlinWeb.authHeaders(els.apiKey, extra);
+  const errorMessage = (resp) => window.HanlinWeb.errorMessage(resp, els.apiKey);
   const STORE = { apiKey: "hanlin.apiKey", temperature: "hanlin.temperature", maxTokens: "hanlin.maxTokens" };
 
   let conversation = []; // [{role: "user"|"assistant", content}], sent in full each turn (no system message)
@@ -87,32 +90,6 @@
 
   // ---- HTTP ------------------------------------------------------------------------------------
 
-  function headers(extra = {}) {
-    const h = { ...extra };
-    const key = els.apiKey.value.trim();
-    if (key) h["Authorization"] = `Bearer ${key}`;
-    return h;
-  }
-
-  // A readable message from a non-2xx response ({"error": {"message": ...}} or anything else).
-  async function errorMessage(resp) {
-    if (resp.status === 401) {
-      return els.apiKey.value.trim()
-        ? "The server refused this API key (401). Check the key under Settings."
-        : "This server needs an API key (401). Enter it under Settings.";
-    }
-    let detail = "";
-    try {
-      const text = await resp.text();
-      try {
-        const body = JSON.parse(text);
-        detail = (body && body.error && (body.error.message || body.error)) || body.detail || text;
-        if (typeof detail !== "string") detail = JSON.stringify(detail);
-      } catch { detail = text; }
-    } catch { /* body unreadable */ }
-    return `Error ${resp.status}${detail ? ": " + detail : ""}`;
-  }
-
   async function loadModel() {
     try {
       const resp = await fetch("/v1/models", { headers: headers() });
@@ -130,37 +107,6 @@
       els.model.textContent = "(server unreachable)";
       showError(`Cannot reach the server: ${e.message}`);
     }
-  }
-
-  // Reads an SSE body; calls onEvent(data) for each event's data ("[DONE]" included).
-  async function readSSE(body, onEvent) {
-    const reader = body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    let data = [];
-    const flushLine = (line) => {
-      if (line === "") {               // blank line: end of one event
-        if (data.length) onEvent(data.join("\n"));
-        data = [];
-      } else if (line.startsWith("data:")) {
-        data.push(line.slice(line[5] === " " ? 6 : 5));
-      }                                // comments (":"), event:, id:, retry: are ignored
-    };
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let i;
-      while ((i = buffer.search(/\r\n|\r|\n/)) >= 0) {
-        const sep = buffer[i] === "\r" && buffer[i + 1] === "\n" ? 2 : 1;
-        if (buffer[i] === "\r" && i + 1 === buffer.length) break;  // maybe a split "\r\n": wait
-        flushLine(buffer.slice(0, i));
-        buffer = buffer.slice(i + sep);
-      }
-    }
-    buffer += decoder.decode();
-    if (buffer) flushLine(buffer.replace(/\r$/, ""));
-    flushLine("");
   }
 
   class StreamError extends Error {}
@@ -287,14 +233,6 @@
 
   // ---- settings and events ---------------------------------------------------------------------
 
-  function persist(input, key) {
-    const saved = localStorage.getItem(key);
-    if (saved !== null) input.value = saved;
-    input.addEventListener("change", () => {
-      const v = input.value.trim();
-      if (v) localStorage.setItem(key, v); else localStorage.removeItem(key);
-    });
-  }
   persist(els.apiKey, STORE.apiKey);
   persist(els.temperature, STORE.temperature);
   persist(els.maxTokens, STORE.maxTokens);

@@ -4,6 +4,7 @@
 "use strict";
 
 (() => {
+  const { readSSE, persist } = window.HanlinWeb;
   const $ = (id) => document.getElementById(id);
   const els = {
     form: $("ask-form"), question: $("question"), ask: $("ask"), stop: $("stop"), error: $("error"),
@@ -12,6 +13,9 @@
     sourcesSection: $("sources-section"), sources: $("sources"),
     source: $("source"), maxQueries: $("max-queries"), k: $("k"), maxTokens: $("max-tokens"), apiKey: $("api-key"),
   };
+  const headers = () => window.HanlinWeb.authHeaders(
+    els.apiKey, { "Content-Type": "application/json", Accept: "text/event-stream" });
+  const errorMessage = (resp) => window.HanlinWeb.errorMessage(resp, els.apiKey);
   const STORE = { apiKey: "hanlin.apiKey", source: "hanlin.search.source", maxQueries: "hanlin.search.maxQueries",
                   k: "hanlin.search.k", maxTokens: "hanlin.search.maxTokens" };
   const HIT_CHARS = 300;
@@ -235,50 +239,6 @@
 
   // ---- HTTP --------------------------------------------------------------------------------------
 
-  function headers() {
-    const h = { "Content-Type": "application/json", Accept: "text/event-stream" };
-    const key = els.apiKey.value.trim();
-    if (key) h.Authorization = `Bearer ${key}`;
-    return h;
-  }
-
-  async function errorMessage(resp) {
-    if (resp.status === 401) {
-      return els.apiKey.value.trim()
-        ? "The server refused this API key (401). Check the key under Settings."
-        : "This server needs an API key (401). Enter it under Settings.";
-    }
-    const text = await resp.text().catch(() => "");
-    try {
-      const err = JSON.parse(text).error;
-      if (err && err.message) return `Error ${resp.status}: ${err.message}`;
-    } catch { /* not JSON */ }
-    return `Error ${resp.status}${text ? ": " + text : ""}`;
-  }
-
-  // Calls onData(payload) for each SSE event's data ("[DONE]" included).
-  async function readEvents(body, onData) {
-    const reader = body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    const flush = (block) => {
-      const lines = block.split(/\r?\n/).filter((l) => l.startsWith("data:"));
-      if (lines.length) onData(lines.map((l) => l.slice(l[5] === " " ? 6 : 5)).join("\n"));
-    };
-    for (;;) {
-      const { value, done } = await reader.read();
-      buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
-      let cut;
-      while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
-        const sep = buffer.slice(cut).match(/^\r?\n\r?\n/)[0].length;
-        flush(buffer.slice(0, cut));
-        buffer = buffer.slice(cut + sep);
-      }
-      if (done) break;
-    }
-    if (buffer.trim()) flush(buffer);
-  }
-
   class SearchFailed extends Error {}
 
   const HANDLERS = {
@@ -313,7 +273,7 @@
       });
       if (!resp.ok) throw new SearchFailed(await errorMessage(resp));
       let finished = false;
-      await readEvents(resp.body, (data) => {
+      await readSSE(resp.body, (data) => {
         if (finished) return;
         if (data === "[DONE]") { finished = true; return; }
         let event;
@@ -349,14 +309,6 @@
 
   // ---- settings and events -----------------------------------------------------------------------
 
-  function persist(input, key) {
-    const saved = localStorage.getItem(key);
-    if (saved !== null) input.value = saved;
-    input.addEventListener("change", () => {
-      const v = input.value.trim();
-      if (v) localStorage.setItem(key, v); else localStorage.removeItem(key);
-    });
-  }
   persist(els.apiKey, STORE.apiKey);  // shared with the chat page
   persist(els.source, STORE.source);
   persist(els.maxQueries, STORE.maxQueries);
