@@ -12,7 +12,8 @@ from hanlin.engine.engine import LLMEngine
 from hanlin.engine.options import EngineOptions
 from hanlin.engine.sampling import SamplingParams
 from hanlin.kernels import cpu_kernels
-from hanlin.models.quantized import quantize_model
+from hanlin.models.quant_packing import F32_PANELS
+from hanlin.models.quantized import QuantLinear, quantize_model
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the compiled CPU kernels could not be built here")
 
@@ -28,14 +29,21 @@ VARIANTS = {
     "sliding-window": dict(sliding_window=7),
     "moe": dict(moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48)),
     "head-dim-96": dict(head_dim=96, num_heads=2, num_kv_heads=1),
+    # Outputs not a multiple of 16 (ragged last panels): qkv 50, gate_up 88, lm_head 101 (tied: the embedding
+    # reads the lm_head's panels); odd inputs: o 30, down 44.
+    "odd-widths-tied": dict(head_dim=10, num_heads=3, num_kv_heads=1, intermediate_size=44, vocab_size=101,
+                            tie_embeddings=True),
+    "no-panels": dict(panels=False),  # HANLIN_NO_PANELS=1: fp32 nn.Linear (column-major kernel / at::linear)
     "int8": dict(quantize="int8"),
     "int4": dict(quantize="int4"),
     "int4-moe": dict(quantize="int4", moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32)),
 }
 
 
-def _generate(loaded: LoadedModel, prompts: list[list[int]], fused: bool, monkeypatch: pytest.MonkeyPatch):
+def _generate(loaded: LoadedModel, prompts: list[list[int]], fused: bool, monkeypatch: pytest.MonkeyPatch,
+              panels: bool = True):
     monkeypatch.setenv("HANLIN_NO_FUSED", "0" if fused else "1")
+    monkeypatch.setenv("HANLIN_NO_PANELS", "0" if panels else "1")
     engine = LLMEngine(loaded, EngineOptions(block_size=4, max_batched_tokens=16, kv_cache_mb=8, max_model_len=512))
     assert (engine.runner.fused is not None) == fused
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
@@ -57,6 +65,7 @@ def test_fused_layers_give_the_modules_tokens_and_logprobs(variant: str, monkeyp
     that start mid-sequence (prefix of pages) and with fresh ones."""
     fields = {**BASE, **VARIANTS[variant]}
     scheme = fields.pop("quantize", None)
+    panels = fields.pop("panels", True)
     config = ModelConfig(max_position_embeddings=512, **fields)
     model = tiny_model(config, seed=3, std=0.2)
     if scheme is not None:
@@ -64,8 +73,17 @@ def test_fused_layers_give_the_modules_tokens_and_logprobs(variant: str, monkeyp
     loaded = LoadedModel(config, model, word_tokenizer(config.vocab_size), "tiny")
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (1, 5, 17, 40, 9, 3)]
-    fused_tokens, fused_logprobs = _generate(loaded, prompts, True, monkeypatch)
-    plain_tokens, plain_logprobs = _generate(loaded, prompts, False, monkeypatch)
+    # The modules first: the fused engine re-lays an fp32 model's linears in panels, in place.
+    plain_tokens, plain_logprobs = _generate(loaded, prompts, False, monkeypatch, panels)
+    assert isinstance(model.layers[0].attn.qkv_proj, torch.nn.Linear) == (scheme is None)
+    fused_tokens, fused_logprobs = _generate(loaded, prompts, True, monkeypatch, panels)
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+    if scheme is None and panels:
+        assert all(isinstance(m, QuantLinear) and m.kind == F32_PANELS for m in linears)
+        if config.tie_embeddings:
+            assert model.embed_tokens.qdata.data_ptr() == model.lm_head.qdata.data_ptr()  # one table
+    elif scheme is None:
+        assert all(isinstance(m, torch.nn.Linear) for m in linears)
     assert fused_tokens == plain_tokens
     # Quantized weights: decode-sized linears quantize their inputs to int8 per 32 (qlinear.cpp), so a last-bit
     # difference in a norm's output can move an input by one int8 step, not by one fp32 ulp.

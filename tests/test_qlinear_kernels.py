@@ -18,7 +18,7 @@ import torch
 
 import hanlin.kernels
 
-F32, Q8, Q4 = 0, 1, 2
+F32, Q8, Q4, F32_PANELS = 0, 1, 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,18 @@ def random_q4(M: int, K: int, group: int, gen: torch.Generator):
     return (pack_nibbles(q), scales, mins), weight, magnitude
 
 
+def random_panels(M: int, K: int, gen: torch.Generator):
+    """An fp32 weight and its panels [ceil(M / 16), K, 16] (rows interleaved by 16, zero rows padding M), packed
+    here by indexing, not by hanlin's pack_panels; group = M."""
+    weight = torch.randn(M, K, generator=gen)
+    P = -(-M // 16)
+    padded = torch.zeros(P * 16, K)
+    padded[:M] = weight
+    panels = torch.stack([padded[16 * p : 16 * p + 16].T for p in range(P)]).contiguous()  # [p, k, i] = W[16p + i, k]
+    empty = torch.empty(0, dtype=torch.float16)
+    return (panels, empty, empty), weight.double(), weight.double().abs()
+
+
 def check(qlinear, kind, packed, group, weight, magnitude, N, bias, gen, x=None):
     M, K = weight.shape
     if x is None:
@@ -68,7 +80,7 @@ def check(qlinear, kind, packed, group, weight, magnitude, N, bias, gen, x=None)
     expected = x.double() @ weight.T + (b.double() if bias else 0)
     # fp32 rounding of a sum of K products: bounded by a small multiple of eps * sum |terms|.
     tolerance = 1e-5 * (x.double().abs() @ magnitude.T) + 1e-6
-    if N <= 4 and group % 32 == 0 and K % 32 == 0:
+    if kind in (Q8, Q4) and N <= 4 and group % 32 == 0 and K % 32 == 0:
         tolerance = tolerance + input_quantization_bound(x.reshape(-1, K), weight)
     assert y.dtype == torch.float32 and y.shape == expected.shape
     error = (y.double() - expected).abs()
@@ -145,6 +157,46 @@ def test_non_contiguous_and_batched_input(qlinear):
     assert qlinear(x3[0, 0], Q4, *packed, 32, None).shape == (20,)
 
 
+PANEL_NS = [1, 2, 3, 5, 6, 7, 13, 16, 33, 64, 300]
+
+
+@pytest.mark.parametrize("N", PANEL_NS)
+@pytest.mark.parametrize("M,K", [(1, 1), (7, 33), (16, 64), (17, 5), (45, 160), (64, 576), (200, 1536), (301, 96)])
+def test_f32_panels_match_reference(qlinear, N, M, K):
+    gen = torch.Generator().manual_seed(M * 1000 + K + N + 11)
+    packed, weight, magnitude = random_panels(M, K, gen)
+    for bias in (False, True):
+        check(qlinear, F32_PANELS, packed, M, weight, magnitude, N, bias, gen)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_f32_panels_thread_counts(qlinear, threads):
+    """Ragged work: 63 panels (the last one 9 rows), the N = 1 path in groups of 4 panels."""
+    gen = torch.Generator().manual_seed(threads + 20)
+    M, K = 1001, 96
+    packed, weight, magnitude = random_panels(M, K, gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for N in (1, 2, 6, 70):
+            check(qlinear, F32_PANELS, packed, M, weight, magnitude, N, True, gen)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_f32_panels_non_contiguous_and_batched_input(qlinear):
+    gen = torch.Generator().manual_seed(21)
+    packed, weight, magnitude = random_panels(20, 64, gen)
+    x = torch.randn(64, 9, generator=gen).t()  # [9, 64], not contiguous
+    check(qlinear, F32_PANELS, packed, 20, weight, magnitude, 9, True, gen, x=x)
+    x3 = torch.randn(2, 3, 64, generator=gen)
+    y3 = qlinear(x3, F32_PANELS, *packed, 20, None)
+    assert y3.shape == (2, 3, 20)
+    torch.testing.assert_close(y3.reshape(6, 20), qlinear(x3.reshape(6, 64), F32_PANELS, *packed, 20, None))
+    assert qlinear(x3[0, 0], F32_PANELS, *packed, 20, None).shape == (20,)
+    assert qlinear(torch.empty(0, 64), F32_PANELS, *packed, 20, None).shape == (0, 20)
+
+
 def test_f32_is_linear(qlinear):
     gen = torch.Generator().manual_seed(6)
     w, x, b = torch.randn(10, 33, generator=gen), torch.randn(4, 33, generator=gen), torch.randn(10, generator=gen)
@@ -169,6 +221,15 @@ def test_rejects_bad_inputs(qlinear):
         (lambda: qlinear(x, Q8, q8, s8, none, 48, None), "group"),
         (lambda: qlinear(x, Q8, q8, s8, none, 32, torch.randn(7)), "bias"),
         (lambda: qlinear(x, 5, q8, s8, none, 32, None), "kind"),
+    ]
+    (panels, _, _), _, _ = random_panels(20, 64, gen)
+    cases += [
+        (lambda: qlinear(x, F32_PANELS, panels, none, none, 33, None), "group must be M"),
+        (lambda: qlinear(x, F32_PANELS, panels, none, none, 16, None), "group must be M"),
+        (lambda: qlinear(x, F32_PANELS, panels.reshape(32, 64), none, none, 20, None), "panels must be"),
+        (lambda: qlinear(x, F32_PANELS, panels.double(), none, none, 20, None), "float32"),
+        (lambda: qlinear(torch.randn(2, 63), F32_PANELS, panels, none, none, 20, None), "features"),
+        (lambda: qlinear(x, F32_PANELS, panels, none, none, 20, torch.randn(21)), "bias"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

@@ -14,8 +14,8 @@ from hanlin.config import ModelConfig, MoEConfig
 from hanlin.errors import HanlinError
 from hanlin.kernels import cpu_kernels
 from hanlin.models import Transformer
-from hanlin.models.quant_packing import concat_rows, pack_int4, pack_int8
-from hanlin.models.quantized import Q4, Q8, QuantEmbedding, QuantLinear, quantize_model
+from hanlin.models.quant_packing import F32_PANELS, concat_rows, pack_int4, pack_int8, pack_panels
+from hanlin.models.quantized import Q4, Q8, QuantEmbedding, QuantLinear, pack_fp32_panels, quantize_model
 
 # (rows, in_features, out_features, group); group 0 means int8 per channel, which takes any width
 SHAPES = [
@@ -170,6 +170,81 @@ def test_quantized_tiny_model_stays_close_to_fp32(scheme: str, moe: MoEConfig | 
     top2 = reference.topk(2, dim=-1).values
     confident = (top2[..., 0] - top2[..., 1]) > 2 * bound
     assert (approx.argmax(-1) == reference.argmax(-1))[confident].all()
+
+
+# --- fp32 panels (qlinear.h kF32Panels): the same values, re-laid for the CPU kernels ----------------------
+
+
+@pytest.mark.parametrize("out_features,in_features", [(1, 5), (16, 64), (37, 33), (200, 576)])
+def test_panels_hold_the_weight_exactly(out_features: int, in_features: int) -> None:
+    torch.manual_seed(out_features)
+    linear = nn.Linear(in_features, out_features)
+    packed = pack_panels(linear.weight.t().contiguous().t())  # column-major, as hanlin.load stores fp32 weights
+    assert packed.kind == F32_PANELS and packed.qdata.shape == (-(-out_features // 16), in_features, 16)
+    assert (packed.out_features, packed.in_features, packed.group) == (out_features, in_features, out_features)
+    assert (packed.qdata[-1, :, (out_features - 1) % 16 + 1 :] == 0).all()  # the last panel's padding rows
+    layer = QuantLinear(packed, linear.bias)
+    assert layer.out_features == out_features and "fp32 panels" in repr(layer)
+    assert torch.equal(layer.weight, linear.weight.detach()) and not hasattr(QuantLinear.int8(linear), "weight")
+    torch.testing.assert_close(layer.dequantized_weight(), linear.weight.detach(), rtol=0, atol=0)
+    index = torch.tensor([out_features - 1, 0, out_features // 2])
+    weight = linear.weight.detach()
+    torch.testing.assert_close(QuantLinear(packed.rows(index)).dequantized_weight(), weight[index], rtol=0, atol=0)
+    both = concat_rows([packed, packed])
+    torch.testing.assert_close(QuantLinear(both).dequantized_weight(), weight.repeat(2, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 40])
+def test_panel_kernel_and_fallback_paths_agree(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    if cpu_kernels() is None:
+        pytest.skip("the compiled kernels could not be built here (no AVX2 or no compiler)")
+    torch.manual_seed(rows)
+    linear = nn.Linear(72, 100)  # 100 outputs: 7 panels, the last one 4 rows
+    layer = QuantLinear(pack_panels(linear.weight), linear.bias)
+    x = torch.randn(rows, 72)
+    with torch.inference_mode():
+        expected = linear(x)
+        fast = layer(x)
+        monkeypatch.setattr("hanlin.models.quantized.cpu_kernels", lambda: None)
+        monkeypatch.setattr("hanlin.models.quantized.FALLBACK_CHUNK_BYTES", 4 * 72 * 20)  # 32 rows (2 panels) at a time
+        slow = layer(x)
+    assert fast.shape == slow.shape == (rows, 100)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slow, expected, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # the fallback serves gradients to the inputs (the panels take none)
+    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("moe", [None, MoEConfig(num_experts=4, top_k=2, expert_dim=64)], ids=["dense", "moe"])
+def test_pack_fp32_panels_keeps_the_model(moe: MoEConfig | None) -> None:
+    model = _tiny_model(moe)
+    reference_model = copy.deepcopy(model)
+    embedding = model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = reference_model(ids)
+        replaced = pack_fp32_panels(model)
+        packed = model(ids)
+    per_layer = 4 if moe is None else 2 + 2 * moe.num_experts  # qkv, o + gate_up, down (per expert)
+    assert replaced == 2 * per_layer + 1  # plus the lm_head
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in model.modules())
+    assert all(m.kind == F32_PANELS for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
+    if moe is not None:
+        assert all(block.mlp.router.weight.dtype == torch.float32 for block in model.layers)
+    # The tied embedding reads the lm_head's panels (no copy), and its rows are the fp32 rows exactly.
+    assert model.embed_tokens.qdata.data_ptr() == model.lm_head.qdata.data_ptr()
+    torch.testing.assert_close(model.embed_tokens(ids), embedding[ids], rtol=0, atol=0)
+    torch.testing.assert_close(packed, reference, rtol=1e-4, atol=1e-4)
+    assert pack_fp32_panels(model) == 0  # nothing left to pack
+    # The state dict is the plain model's (a model the engine packed still saves as a checkpoint), both ways.
+    state, plain = model.state_dict(), reference_model.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[name], plain[name]) for name in plain)
+    other = _tiny_model(moe, seed=1)
+    pack_fp32_panels(other)
+    other.load_state_dict(plain)
+    with torch.inference_mode():
+        torch.testing.assert_close(other(ids), packed, rtol=0, atol=0)
 
 
 def test_unknown_quantization_names_the_choices() -> None:

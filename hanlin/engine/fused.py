@@ -2,7 +2,9 @@
 
 Same model, same weights, same math as hanlin.models: the fused layers read the modules' own tensors, and
 an MoE layer's feed-forward still runs through its Python module. Used for fp32 (and quantized) models on
-the CPU when the compiled kernels are available; anything else uses the plain module path.
+the CPU when the compiled kernels are available; anything else uses the plain module path. Before this path
+is built, hanlin/engine/runner.py re-lays an fp32 model's nn.Linear weights as panel QuantLinears (the same
+values, qlinear.h kF32Panels), unless HANLIN_NO_PANELS=1.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _linear(kernels, module: nn.Module):
     if isinstance(module, nn.Linear):
         empty = torch.empty(0)
         return kernels.Linear(F32, module.weight.detach(), empty, empty, 0, None if module.bias is None else module.bias.detach())
-    # hanlin.models.quantized.QuantLinear: its packed weight as qlinear.h defines it.
+    # hanlin.models.quantized.QuantLinear (int8, 4-bit or fp32 panels): its packed weight as qlinear.h defines it.
     bias = None if module.bias is None else module.bias.detach()
     return kernels.Linear(module.kind, module.qdata, module.scales, module.mins, module.group, bias)
 

@@ -2,6 +2,9 @@
 //
 // A weight W [M, K] (M outputs, K inputs) is held as (kind, qdata, scales, mins, group):
 //   kF32: qdata is the fp32 weight itself (any strides); scales, mins unused.
+//   kF32Panels: qdata float32 [ceil(M / 16), K, 16]: panel p holds rows 16p .. 16p + 15 interleaved,
+//         qdata[p, k, i] = W[16p + i, k]; M is padded up to a multiple of 16 with zero rows. group = M (the
+//         true number of outputs, which the panels alone do not tell); scales, mins unused (empty).
 //   kQ8 : qdata int8 [M, K]; scales float16 [M, K / group]; w = q * scale.
 //         group == K (per output channel, any K) or group % 32 == 0 and K % group == 0 (GGUF Q8_0: 32).
 //   kQ4 : qdata uint8 [M, K / 2]; scales, mins float16 [M, K / group]; w = q * scale + min, q in 0..15.
@@ -14,7 +17,7 @@
 
 namespace hanlin {
 
-constexpr int64_t kF32 = 0, kQ8 = 1, kQ4 = 2;
+constexpr int64_t kF32 = 0, kQ8 = 1, kQ4 = 2, kF32Panels = 3;
 
 // x: float32 [N, K] (made contiguous); bias: float32 [M] or none. Returns float32 [N, M].
 // Splits work across ATen's intra-op threads (at::parallel_for); safe to call from C++ code that is

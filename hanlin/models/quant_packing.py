@@ -9,13 +9,16 @@ import torch
 # Weight kinds, as in qlinear.h.
 Q8 = 1
 Q4 = 2
+F32_PANELS = 3  # fp32, 16 output rows interleaved per panel: [ceil(M / 16), K, 16]; group holds M
+PANEL = 16
 SCHEMES = ("int8", "int4")
 NIBBLE_RUN = 32  # 4-bit weights are packed in runs of 32: byte j holds weight j (low) and j + 16 (high)
 
 
 @dataclass
 class PackedWeight:
-    """A weight [out_features, in_features] in a qlinear.h layout; scales and mins are float16 [M, K / group]."""
+    """A weight [out_features, in_features] in a qlinear.h layout; scales and mins are float16 [M, K / group]
+    (empty for F32_PANELS, whose group is out_features)."""
 
     kind: int
     qdata: torch.Tensor
@@ -25,14 +28,16 @@ class PackedWeight:
 
     @property
     def out_features(self) -> int:
-        return self.qdata.shape[0]
+        return self.group if self.kind == F32_PANELS else self.qdata.shape[0]
 
     @property
     def in_features(self) -> int:
         return self.qdata.shape[1] * (2 if self.kind == Q4 else 1)
 
     def rows(self, index: torch.Tensor) -> "PackedWeight":
-        """The given output rows (a row permutation or selection); every layout here is row-wise."""
+        """The given output rows (a row permutation or selection), in the same layout."""
+        if self.kind == F32_PANELS:
+            return pack_panels(panel_rows(self.qdata, torch.arange(self.group, device=self.qdata.device)[index]))
         mins = self.mins[index] if self.mins.numel() else self.mins
         return PackedWeight(self.kind, self.qdata[index], self.scales[index], mins, self.group)
 
@@ -96,8 +101,37 @@ def pack_weight(weight: torch.Tensor, scheme: str, group: int = 32) -> PackedWei
     return pack_int8(weight)
 
 
+def pack_panels(weight: torch.Tensor) -> PackedWeight:
+    """fp32 [M, K] -> F32_PANELS [ceil(M / 16), K, 16], the same values (rows past M are zeros); one copy."""
+    w = weight.detach()
+    M, K = w.shape
+    full, rest = divmod(M, PANEL)
+    panels = torch.empty(full + (rest > 0), K, PANEL, dtype=torch.float32, device=w.device)
+    panels[:full].transpose(1, 2).copy_(w[: full * PANEL].view(full, PANEL, K))
+    if rest:
+        panels[full].zero_()
+        panels[full, :, :rest].copy_(w[full * PANEL :].t())
+    empty = torch.empty(0, dtype=torch.float16, device=w.device)
+    return PackedWeight(F32_PANELS, panels, empty, empty, M)
+
+
+def panel_rows(qdata: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """fp32 [len(index), K]: rows `index` (int64) of a F32_PANELS weight, gathered (exact)."""
+    return qdata[index // PANEL, :, index % PANEL]
+
+
+def panel_range(qdata: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """fp32 [end - start, K]: rows start .. end of a F32_PANELS weight (copies only the panels they are in)."""
+    first = start // PANEL
+    block = qdata[first : -(-end // PANEL)]
+    return block.transpose(1, 2).reshape(-1, qdata.shape[1])[start - first * PANEL : end - first * PANEL]
+
+
 def dequantize(kind: int, qdata: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
-    """fp32 [M, K] values of a packed weight (or of some of its rows)."""
+    """fp32 [M, K] values of a packed weight (or of some of its rows); F32_PANELS: every row of the given
+    panels, padding included (group rows are real)."""
+    if kind == F32_PANELS:
+        return panel_range(qdata, 0, qdata.shape[0] * PANEL).float()
     scale = scales.float().repeat_interleave(group, dim=-1)
     if kind == Q8:
         return qdata.float() * scale[..., : qdata.shape[-1]]
@@ -114,6 +148,8 @@ def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
         return parts[0]
     if len({p.kind for p in parts}) != 1 or len({p.in_features for p in parts}) != 1:
         raise ValueError("cannot fuse packed weights of different kinds or widths")
+    if parts[0].kind == F32_PANELS:
+        return pack_panels(torch.cat([panel_range(p.qdata, 0, p.group) for p in parts]))
     group = min(p.group for p in parts)
     parts = [p.regrouped(group) for p in parts]
     mins = torch.cat([p.mins for p in parts]) if parts[0].kind == Q4 else parts[0].mins

@@ -1,4 +1,5 @@
-"""Weight-only quantized linear and embedding layers (int8 per channel, 4-bit per group; qlinear.h formats)."""
+"""Weight-only quantized linear and embedding layers (int8 per channel, 4-bit per group; qlinear.h formats), and
+fp32 weights re-laid in the kernels' panel format for CPU inference (same values)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from hanlin.kernels import cpu_kernels
-from hanlin.models.quant_packing import Q4, Q8, SCHEMES, PackedWeight, dequantize, pack_int8, pack_weight
+from hanlin.models.quant_packing import (
+    F32_PANELS,
+    PANEL,
+    Q4,
+    Q8,
+    SCHEMES,
+    PackedWeight,
+    dequantize,
+    pack_int8,
+    pack_panels,
+    pack_weight,
+    panel_range,
+    panel_rows,
+)
 
-__all__ = ["Q4", "Q8", "SCHEMES", "QuantEmbedding", "QuantLinear", "quantize_model"]
+__all__ = ["F32_PANELS", "Q4", "Q8", "SCHEMES", "QuantEmbedding", "QuantLinear", "pack_fp32_panels", "quantize_model"]
 
-KIND_NAMES = {Q8: "int8", Q4: "4-bit"}
+KIND_NAMES = {Q8: "int8", Q4: "4-bit", F32_PANELS: "fp32 panels"}
 FALLBACK_CHUNK_BYTES = 8 << 20  # fp32 weight rows dequantized at once by the pure-PyTorch path
+
+
+def _fp32_weight(layer: "QuantLinear | QuantEmbedding") -> torch.Tensor:
+    """`weight` of a panel layer: the fp32 weight [M, K] as nn.Linear / nn.Embedding hold it (a copy: the layer
+    keeps only its panels), for code that reads a plain model's weight, such as saving it. Quantized layers
+    have none."""
+    if layer.kind != F32_PANELS:
+        raise AttributeError("a quantized layer has no fp32 weight (dequantized_weight() gives its values)")
+    return layer.dequantized_weight()
 
 
 class QuantLinear(nn.Module):
@@ -29,6 +52,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", packed.scales.to(torch.float16).contiguous())
         self.register_buffer("mins", packed.mins.to(torch.float16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+        if self.kind == F32_PANELS:
+            _state_dict_holds_the_weight(self)
 
     @classmethod
     def int8(cls, linear: nn.Linear) -> "QuantLinear":
@@ -43,8 +68,17 @@ class QuantLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight(self.kind, self.qdata, self.scales, self.mins, self.group)
 
+    weight = property(_fp32_weight)
+
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.kind, self.qdata, self.scales, self.mins, self.group)
+        return self._weight_rows(0, self.out_features)
+
+    def _weight_rows(self, start: int, end: int) -> torch.Tensor:
+        """fp32 [end - start, in_features]: output rows start .. end of W."""
+        if self.kind == F32_PANELS:
+            return panel_range(self.qdata, start, end)
+        mins = self.mins[start:end] if self.kind == Q4 else self.mins
+        return dequantize(self.kind, self.qdata[start:end], self.scales[start:end], mins, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_NK = x.reshape(-1, self.in_features)
@@ -60,15 +94,18 @@ class QuantLinear(nn.Module):
         """The pure-PyTorch path, a slice of output rows at a time: a large weight (an lm_head) is never
         expanded to fp32 as a whole."""
         rows = max(1, FALLBACK_CHUNK_BYTES // (4 * self.in_features))
+        if self.kind == F32_PANELS:
+            rows = -(-rows // PANEL) * PANEL  # whole panels
         outputs = []
         for start in range(0, self.out_features, rows):
             end = min(start + rows, self.out_features)
-            mins = self.mins[start:end] if self.kind == Q4 else self.mins
-            w = dequantize(self.kind, self.qdata[start:end], self.scales[start:end], mins, self.group).to(x_NK.dtype)
+            w = self._weight_rows(start, end).to(x_NK.dtype)
             outputs.append(F.linear(x_NK, w, None if self.bias is None else self.bias[start:end].to(x_NK.dtype)))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
     def extra_repr(self) -> str:
+        if self.kind == F32_PANELS:
+            return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]}"
         grouping = "per channel" if self.group == self.in_features else f"group {self.group}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]} {grouping}"
 
@@ -86,6 +123,8 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("qdata", packed.qdata.contiguous())
         self.register_buffer("scales", packed.scales.to(torch.float16).contiguous())
         self.register_buffer("mins", packed.mins.to(torch.float16).contiguous())
+        if self.kind == F32_PANELS:
+            _state_dict_holds_the_weight(self)
 
     @classmethod
     def sharing(cls, linear: QuantLinear, dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
@@ -96,14 +135,46 @@ class QuantEmbedding(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight(self.kind, self.qdata, self.scales, self.mins, self.group)
 
+    weight = property(_fp32_weight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.kind == F32_PANELS:
+            return panel_range(self.qdata, 0, self.num_embeddings)
+        return dequantize(self.kind, self.qdata, self.scales, self.mins, self.group)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        mins = self.mins[flat] if self.kind == Q4 else self.mins
-        rows = dequantize(self.kind, self.qdata[flat], self.scales[flat], mins, self.group)
+        if self.kind == F32_PANELS:
+            rows = panel_rows(self.qdata, flat)
+        else:
+            mins = self.mins[flat] if self.kind == Q4 else self.mins
+            rows = dequantize(self.kind, self.qdata[flat], self.scales[flat], mins, self.group)
         return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {KIND_NAMES[self.kind]} group {self.group}"
+        grouping = "" if self.kind == F32_PANELS else f" group {self.group}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {KIND_NAMES[self.kind]}{grouping}"
+
+
+def _state_dict_holds_the_weight(module: QuantLinear | QuantEmbedding) -> None:
+    """Panels are a layout of an fp32 weight, not a format: a panel layer's state dict holds `weight` [M, K] as
+    nn.Linear / nn.Embedding do (so a model the engine packed still saves as a plain checkpoint), and loading
+    a `weight` packs it. (Module-level hooks, not closures: the layer stays picklable.)"""
+    module.register_state_dict_post_hook(_save_panels_as_weight)
+    module.register_load_state_dict_pre_hook(_load_weight_into_panels)
+
+
+def _save_panels_as_weight(module, state_dict, prefix, local_metadata) -> None:
+    for name in ("qdata", "scales", "mins"):
+        state_dict.pop(prefix + name)
+    state_dict[prefix + "weight"] = module.dequantized_weight()
+
+
+def _load_weight_into_panels(module, state_dict, prefix, *args) -> None:
+    if prefix + "weight" in state_dict:
+        packed = pack_panels(state_dict.pop(prefix + "weight"))
+        for name in ("qdata", "scales", "mins"):
+            state_dict[prefix + name] = getattr(packed, name)
 
 
 def tie_quantized_embedding(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
@@ -136,3 +207,29 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, *, min_out_fe
         else:
             model.embed_tokens = QuantEmbedding(pack_weight(embedding.weight, "int8"), dtype)
     return replaced
+
+
+def pack_fp32_panels(model: nn.Module) -> int:
+    """Replaces in place every fp32 nn.Linear on the CPU by a QuantLinear holding the same values in panels
+    (qlinear.h kF32Panels), and a token embedding tied to the lm_head by a QuantEmbedding over the lm_head's
+    panels; returns how many linears were replaced. For inference: the panels take no gradients. The replaced
+    fp32 weights are dropped (no second copy stays). MoE experts are nn.Linear too (one SwiGLU per expert) and
+    are packed like the rest; router weights are plain parameters and stay fp32."""
+    embedding = getattr(model, "embed_tokens", None)
+    lm_head = getattr(model, "lm_head", None)
+    tied = isinstance(embedding, nn.Embedding) and isinstance(lm_head, nn.Linear) and embedding.weight is lm_head.weight
+    del embedding, lm_head
+    # (parent, name) pairs, not the linears themselves: each old weight is freed as soon as it is replaced.
+    targets = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
+    ]
+    for parent, name in targets:
+        linear = getattr(parent, name)
+        setattr(parent, name, QuantLinear(pack_panels(linear.weight), linear.bias))
+        del linear
+    if tied and isinstance(model.lm_head, QuantLinear):
+        tie_quantized_embedding(model, torch.float32)
+    return len(targets)

@@ -2,7 +2,9 @@
 
 Measured on the 2-core AVX2 machines (docs/benchmarks.md): F.linear with a column-major weight
 ([out, in] view of a contiguous [in, out] buffer) reaches ~1.6x the bandwidth of the row-major
-layout at batch 1, because PyTorch then runs x @ W^T as a plain GEMM on contiguous memory.
+layout at batch 1, because PyTorch then runs x @ W^T as a plain GEMM on contiguous memory. The engine's
+fused CPU path re-lays these weights once more, in the kernels' panels (hanlin/engine/runner.py,
+quantized.pack_fp32_panels); models for training keep this layout.
 """
 
 from __future__ import annotations
