@@ -1,6 +1,6 @@
 """AI search speed on CPU: indexing throughput, and first-token latency of a question over a ≥ 10k-chunk index.
 
-    python bench/search.py [--questions 8] [--skip-indexing] [--rebuild]
+    python bench/search.py [--questions 8] [--skip-indexing | --skip-first-token] [--rebuild]
 
 Two measurements (the search issue's speed bars):
   indexing     MB of text per second into a fresh index of ../shared/data/corpora, embeddings included
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--indexing-corpus", type=Path, default=CORPORA,
                         help="folder indexed for the speed measurement")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached 10k-chunk index")
+    parser.add_argument("--skip-first-token", action="store_true", help="measure indexing only")
     args = parser.parse_args()
     if not CORPORA.is_dir():
         raise SystemExit(f"the corpora are not here: {CORPORA}")
@@ -151,6 +152,9 @@ def main() -> None:
               f"({verdict} the bar of 1 MB per 10 s)")
         parts = {k[:-2]: v for k, v in result.items() if k.endswith("_s") and k != "mb_per_s"}
         print("  time in: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items()))
+    if args.skip_first_token:
+        print(f"load average: {' -> '.join(loads)}")
+        return
 
     path, chunks, copies = ten_thousand_chunk_index(args.rebuild)
     records = load_qa(DEFAULT_QA)

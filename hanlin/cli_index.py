@@ -167,6 +167,7 @@ def stats_command(index: IndexOption = None, json_output: JsonOption = False) ->
     table.add_column()
     rows = [("index", stats.path), ("documents", f"{stats.documents:,}"), ("chunks", f"{stats.chunks:,}"),
             ("text indexed", f"{stats.bytes / 1e6:,.2f} MB"), ("embedding model", f"{stats.embedding_model} ({stats.dim or '?'} dimensions)"),
+            ("embedded per chunk", f"first {stats.embedding_window} tokens" if stats.embedding_window else "whole chunk"),
             ("lexical", stats.lexical), ("file size", f"{stats.file_size / 1e6:,.2f} MB")]
     for name, value in rows:
         table.add_row(name, escape(value))

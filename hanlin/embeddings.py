@@ -78,11 +78,21 @@ class Embedder:
             return ids
         return self._prefix + ids + self._suffix
 
-    def embed(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-        """float32 [len(texts), dim], L2-normalised rows."""
+    def embed(self, texts: Sequence[str], *, batch_size: int = 32, max_tokens: int | None = None) -> np.ndarray:
+        """float32 [len(texts), dim], L2-normalised rows. Each text is truncated to max_tokens (default and
+        at most the model's limit), its [CLS] and [SEP] included."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of texts, not one string")
-        return self.embed_token_ids(self.tokenize(texts), batch_size=batch_size)
+        ids = self.tokenize(texts)
+        if max_tokens is not None and max_tokens < self.max_tokens:
+            ids = [self._truncate(seq, max_tokens) for seq in ids]
+        return self.embed_token_ids(ids, batch_size=batch_size)
+
+    def _truncate(self, ids: list[int], max_tokens: int) -> list[int]:
+        keep = max_tokens - len(self._suffix)
+        if keep < len(self._prefix) + 1:
+            raise HanlinError(f"max_tokens must leave room for text between {self.name}'s special tokens")
+        return ids if len(ids) <= max_tokens else ids[:keep] + ids[len(ids) - len(self._suffix):]
 
     def embed_token_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 32) -> np.ndarray:
         """Like embed() for already tokenized inputs (each with its special tokens, at most max_tokens long)."""

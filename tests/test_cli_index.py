@@ -55,6 +55,7 @@ def test_add_list_stats_search_remove(tmp_path: Path, docs: Path) -> None:
 
     stats = json.loads(invoke("stats", "--json", index=index).stdout)
     assert (stats["documents"], stats["embedding_model"], stats["dim"], stats["lexical"]) == (3, "all-MiniLM-L6-v2", 384, "jieba")
+    assert stats["embedding_window"] == 128
     assert "all-MiniLM-L6-v2" in invoke("stats", index=index).stdout
 
     hits = json.loads(invoke("search", "which river ends in the Mediterranean", "-k", "2", "--json", index=index).stdout)

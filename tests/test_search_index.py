@@ -6,6 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_search_documents import make_pdf
 
@@ -13,6 +14,7 @@ from hanlin.apps.search.documents import document_from_html
 from hanlin.apps.search.errors import EmptyIndexError, SearchError
 from hanlin.apps.search.hybrid import reciprocal_rank_fusion
 from hanlin.apps.search.index import SearchIndex
+from hanlin.apps.search.index_schema import EMBEDDING_WINDOW
 from hanlin.apps.search.lexical import match_expression
 from hanlin.embeddings import load_embedder
 
@@ -310,6 +312,30 @@ def test_index_refuses_another_embedding_model_or_lexical_mode(tmp_path: Path, e
         SearchIndex(path, lexical="trigram")
     with pytest.raises(SearchError, match="unknown lexical mode"):
         SearchIndex(tmp_path / "new.db", lexical="bigram")
+
+
+def test_vectors_embed_the_first_window_of_each_chunk(tmp_path: Path, embedder) -> None:
+    """A chunk's vector is the encoder's embedding of its first EMBEDDING_WINDOW tokens (pinned in the
+    file's meta); an index file from before that setting keeps embedding whole chunks."""
+    words = " ".join(f"river{n} flows" for n in range(90))  # ~270 encoder tokens: one chunk, over the window
+    (tmp_path / "long.txt").write_text(words, encoding="utf-8")
+    with SearchIndex(tmp_path / "index.db", embedder=embedder, chunk_size=400) as index:
+        index.add([tmp_path / "long.txt"])
+        assert index.embedding_window == EMBEDDING_WINDOW
+        text, blob = sqlite3.connect(index.path).execute("SELECT text, vector FROM chunks").fetchone()
+    assert len(embedder.tokenize([text])[0]) > EMBEDDING_WINDOW
+    stored = np.frombuffer(blob, dtype="<f4")
+    np.testing.assert_allclose(stored, embedder.embed([text], max_tokens=EMBEDDING_WINDOW)[0], atol=1e-6)
+    assert float(stored @ embedder.embed([text])[0]) < 0.999  # the window really changed the vector
+
+    with sqlite3.connect(tmp_path / "index.db") as db:
+        db.execute("DELETE FROM meta WHERE key = 'embedding_window'")
+    with SearchIndex(tmp_path / "index.db", embedder=embedder) as old:
+        assert old.embedding_window is None
+        (tmp_path / "long.txt").write_text(words + " and ends.", encoding="utf-8")
+        old.add([tmp_path / "long.txt"])
+        text, blob = sqlite3.connect(old.path).execute("SELECT text, vector FROM chunks").fetchone()
+    np.testing.assert_allclose(np.frombuffer(blob, dtype="<f4"), embedder.embed([text])[0], atol=1e-6)
 
 
 def test_not_an_index_file(tmp_path: Path) -> None:

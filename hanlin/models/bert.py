@@ -82,17 +82,21 @@ class BertLayer(nn.Module):
         self.down = nn.Linear(config.intermediate_size, d)
         self.mlp_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.up_applies_gelu = False  # set when `up` is swapped for a linear with GELU fused in (pack_bf16)
+        self.out_adds_residual = False  # set when attn_out and down add the residual in their GEMM (pack_bf16)
 
     def forward(self, x_BTD: torch.Tensor, keep_B11T: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x_BTD.shape
         qkv_3BHTK = self.qkv(x_BTD).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         attn_BHTK = F.scaled_dot_product_attention(qkv_3BHTK[0], qkv_3BHTK[1], qkv_3BHTK[2], attn_mask=keep_B11T)
         attn_BTD = attn_BHTK.transpose(1, 2).reshape(B, T, D)
-        x_BTD = self.attn_norm(x_BTD + self.attn_out(attn_BTD))
+        x_BTD = self.attn_norm(self._plus_residual(self.attn_out, attn_BTD, x_BTD))
         hidden_BTF = self.up(x_BTD)
         if not self.up_applies_gelu:
             hidden_BTF = F.gelu(hidden_BTF, approximate=self.gelu_approximate)
-        return self.mlp_norm(x_BTD + self.down(hidden_BTF))
+        return self.mlp_norm(self._plus_residual(self.down, hidden_BTF, x_BTD))
+
+    def _plus_residual(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return linear(x, residual) if self.out_adds_residual else residual + linear(x)
 
 
 class BertModel(nn.Module):
@@ -231,7 +235,10 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().to(dtype) if linear.bias is not None else None)
         self.attr, self.algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b, plus `residual` added in the GEMM's epilogue when given (no GELU then)."""
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.attr, [], self.algorithm)
 
 
@@ -241,11 +248,12 @@ def can_pack() -> bool:
 
 
 def pack_bf16(model: BertModel) -> BertModel:
-    """bf16 everywhere, encoder linears as PackedLinear with GELU fused into `up` (in place, CPU only)."""
+    """bf16 everywhere, encoder linears as PackedLinear with GELU fused into `up` and the residual adds into
+    `attn_out` and `down` (in place, CPU only)."""
     model = model.to(torch.bfloat16)
     for layer in model.layers:
         for name in ("qkv", "attn_out", "down"):
             setattr(layer, name, PackedLinear(getattr(layer, name), torch.bfloat16))
         layer.up = PackedLinear(layer.up, torch.bfloat16, gelu=layer.gelu_approximate)
-        layer.up_applies_gelu = True
+        layer.up_applies_gelu = layer.out_adds_residual = True
     return model

@@ -1,14 +1,14 @@
-"""Documents → Chunks small enough for the encoder, cut at paragraph and sentence boundaries.
+"""Documents → Chunks (passages for BM25, the dense encoder and the writer), cut at paragraph and sentence
+boundaries.
 
-Lengths are estimated in encoder (WordPiece) tokens: MiniLM truncates at 256, so a chunk must fit in it
-whole or its tail would never be embedded. The estimate is within ~7% of the real tokenizer on English
-prose and counts one token per CJK character, as BERT tokenizers do.
+Lengths are estimated in encoder (WordPiece) tokens, within ~7% of the real tokenizer on English prose and
+one token per CJK character, as BERT tokenizers do. The encoder embeds a chunk's first 128 tokens
+(index_schema.EMBEDDING_WINDOW); BM25 and the writer read all of it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hanlin.apps.search.documents import Document, Section
@@ -206,32 +206,3 @@ def _location(doc: Document, units: list[_Unit]) -> str:
             return pages[0]
         return f"pages {pages[0].removeprefix('page ')}–{pages[1].removeprefix('page ')}"
     return doc.sections[units[0].section].location
-
-
-def split_in_two(text: str) -> tuple[str, str]:
-    """Halve a chunk that turned out too long for the encoder: at the sentence end nearest the middle,
-    else at the space nearest the middle, else in the middle."""
-    middle = len(text) // 2
-    cuts = [match.end() for match in _SENTENCE_END.finditer(text) if 0 < match.end() < len(text)]
-    if not cuts:
-        cuts = [match.start() for match in re.finditer(r"\s", text) if 0 < match.start() < len(text)]
-    cut = min(cuts, key=lambda position: abs(position - middle)) if cuts else middle
-    return text[:cut].strip(), text[cut:].strip()
-
-
-def fit_to_encoder(chunks: list[Chunk], count_tokens: Callable[[Sequence[str]], list[int]],
-                   max_tokens: int) -> list[Chunk]:
-    """Halve any chunk the encoder would truncate (the length estimate is close, not exact); renumbers."""
-    counts = count_tokens([chunk.text for chunk in chunks])
-    if all(count <= max_tokens for count in counts):
-        return chunks
-    fitted: list[Chunk] = []
-    for chunk, count in zip(chunks, counts):
-        parts = [chunk.text]
-        while count > max_tokens and len(parts) < 64:
-            parts = [half for part in parts for half in split_in_two(part) if half]
-            count = max(count_tokens(parts))
-        fitted += [Chunk(part, chunk.location, 0) for part in parts]
-    for ordinal, chunk in enumerate(fitted):
-        chunk.ordinal = ordinal
-    return fitted

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hanlin.apps.search.chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunk, chunk_document, fit_to_encoder
+from hanlin.apps.search.chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunk, chunk_document
 from hanlin.apps.search.documents import Document, file_kind, parse_document
 from hanlin.apps.search.errors import EmptyIndexError, SearchError
 from hanlin.apps.search.hybrid import CANDIDATES, dense_weight, reciprocal_rank_fusion
@@ -69,6 +69,7 @@ class IndexStats:
     path: str
     file_size: int
     lexical: str
+    embedding_window: int | None  # encoder tokens embedded per chunk; None: the whole chunk (older files)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class SearchIndex:
             self._db.close()
             raise
         self.lexical = self._meta["lexical"]
+        self.embedding_window = int(self._meta["embedding_window"]) if "embedding_window" in self._meta else None
         self._embedder = embedder
         self._embedding_model = embedding_model
         self._chunking = {"size": chunk_size, "overlap": chunk_overlap}
@@ -186,10 +188,8 @@ class SearchIndex:
             return
         embedder = self.embedder
         clock = time.perf_counter()
-        for item in pending:
-            item.chunks = fit_to_encoder(item.chunks, embedder.count_tokens, embedder.max_tokens)
         texts = [chunk.text for item in pending for chunk in item.chunks]
-        vectors = embedder.embed(texts, batch_size=EMBED_BATCH)
+        vectors = embedder.embed(texts, batch_size=EMBED_BATCH, max_tokens=self.embedding_window)
         report.timings["embed"] += time.perf_counter() - clock
         clock = time.perf_counter()
         offset = 0
@@ -290,7 +290,8 @@ class SearchIndex:
             file_size = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
         model = meta.get("embedding_model") or (self._embedder.name if self._embedder else self._embedding_model)
         dim = int(meta["embedding_dim"]) if "embedding_dim" in meta else None
-        return IndexStats(documents, self.chunk_count(), size, model, dim, self.path, file_size, self.lexical)
+        return IndexStats(documents, self.chunk_count(), size, model, dim, self.path, file_size, self.lexical,
+                          self.embedding_window)
 
     def chunk_count(self) -> int:
         with self._lock:
