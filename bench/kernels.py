@@ -1,6 +1,6 @@
 """One token's worth of SmolLM2-135M linear layers through each weight format, side by side in one run.
 
-    python bench/kernels.py [--threads 2] [--ns 1,4,16,64,256] [--seconds 1.0]
+    python bench/kernels.py [--threads 2] [--ns 1,4,16,64,256] [--seconds 1.0] [--formats "fp32 panels,q4 g32"]
 
 Per step: 30 layers x (qkv [960, 576], o [576, 576], gate_up [3072, 576], down [576, 1536]) + lm_head
 [49152, 576], i.e. 121 calls on N rows of x (211 with q/k/v and gate/up unfused). Every weight is its own
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import hanlin.kernels
+from hanlin.models.quant_packing import F32_PANELS, pack_panels
 
 HIDDEN, LAYERS = 576, 30
 LAYER_SHAPES = [(960, HIDDEN), (HIDDEN, HIDDEN), (3072, HIDDEN), (HIDDEN, 1536)]
@@ -42,6 +43,10 @@ def make_weights(fmt: str, gen: torch.Generator) -> tuple[list[tuple], int]:
                 w = w.t().contiguous().t()
             weights.append((F32, w, empty, empty, 0))
             total += w.numel() * 4
+        elif fmt == "fp32 panels":  # what the engine runs an fp32 model with (qlinear.h kF32Panels)
+            packed = pack_panels(torch.randn(M, K, generator=gen) * 0.02)
+            weights.append((F32_PANELS, packed.qdata, empty, empty, packed.group))
+            total += packed.qdata.numel() * 4
         elif fmt.startswith("q8"):
             group = K if fmt == "q8 per-channel" else 32
             q = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
@@ -62,14 +67,15 @@ def make_weights(fmt: str, gen: torch.Generator) -> tuple[list[tuple], int]:
 def token_runner(fmt: str, weights: list[tuple], N: int) -> Callable[[], None]:
     xs = {K: torch.randn(N, K) for K in {K for _, K in token_shapes()}}
     qlinear = hanlin.kernels.cpu_kernels().qlinear
-    if fmt.startswith("fp32"):
+    if fmt in ("fp32", "fp32 col-major"):
         pairs = [(xs[w.shape[1]], w) for _, w, *_ in weights]
 
         def run() -> None:
             for x, w in pairs:
                 F.linear(x, w)
     else:
-        calls = [(xs[q.shape[1] if kind == Q8 else q.shape[1] * 2], kind, q, s, m, g) for kind, q, s, m, g in weights]
+        calls = [(xs[q.shape[1] if kind in (Q8, F32_PANELS) else q.shape[1] * 2], kind, q, s, m, g)
+                 for kind, q, s, m, g in weights]
 
         def run() -> None:
             for x, kind, q, s, m, g in calls:
@@ -95,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ns", default="1,4,16,64,256", help="comma-separated batch sizes (rows of x)")
-    parser.add_argument("--formats", default="fp32,fp32 col-major,q8 per-channel,q8 g32,q4 g32")
+    parser.add_argument("--formats", default="fp32,fp32 col-major,fp32 panels,q8 per-channel,q8 g32,q4 g32")
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget per format and N")
     args = parser.parse_args()
     if hanlin.kernels.cpu_kernels() is None:
