@@ -130,31 +130,42 @@ def test_q8_matches_reference(qlinear, N, M, K, group):
         check(qlinear, Q8, packed, group, weight, magnitude, N, bias, gen)
 
 
-@pytest.mark.parametrize("kind", [Q8, Q4])
+def random_weight(kind: int, M: int, K: int, gen: torch.Generator):
+    """(packed, group, weight, magnitude) of a random weight of `kind`: groups of 32 for the quantized kinds."""
+    if kind == F32_PANELS:
+        packed, weight, magnitude = random_panels(M, K, gen)
+        return packed, M, weight, magnitude
+    packed, weight, magnitude = (random_q8 if kind == Q8 else random_q4)(M, K, 32, gen)
+    return packed, 32, weight, magnitude
+
+
+@pytest.mark.parametrize("kind", [Q8, Q4, F32_PANELS])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_counts_and_many_rows(qlinear, kind, threads):
-    gen = torch.Generator().manual_seed(threads)
-    M, K, group = 1001, 96, 32
-    packed, weight, magnitude = (random_q8 if kind == Q8 else random_q4)(M, K, group, gen)
+    """Ragged work: 1001 rows (63 panels, the last one 9 rows; the N = 1 panel path in groups of 4)."""
+    gen = torch.Generator().manual_seed(threads + 20 * kind)
+    packed, group, weight, magnitude = random_weight(kind, 1001, 96, gen)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for N in (1, 3, 4, 70, 200):
+        for N in (1, 2, 3, 4, 6, 70, 200):
             check(qlinear, kind, packed, group, weight, magnitude, N, True, gen)
     finally:
         torch.set_num_threads(previous)
 
 
-def test_non_contiguous_and_batched_input(qlinear):
+@pytest.mark.parametrize("kind", [Q4, F32_PANELS])
+def test_non_contiguous_and_batched_input(qlinear, kind):
     gen = torch.Generator().manual_seed(5)
-    packed, weight, magnitude = random_q4(20, 64, 32, gen)
+    packed, group, weight, magnitude = random_weight(kind, 20, 64, gen)
     x = torch.randn(64, 9, generator=gen).t()  # [9, 64], not contiguous
-    check(qlinear, Q4, packed, 32, weight, magnitude, 9, True, gen, x=x)
+    check(qlinear, kind, packed, group, weight, magnitude, 9, True, gen, x=x)
     x3 = torch.randn(2, 3, 64, generator=gen)
-    y3 = qlinear(x3, Q4, *packed, 32, None)
+    y3 = qlinear(x3, kind, *packed, group, None)
     assert y3.shape == (2, 3, 20)
-    torch.testing.assert_close(y3.reshape(6, 20), qlinear(x3.reshape(6, 64), Q4, *packed, 32, None))
-    assert qlinear(x3[0, 0], Q4, *packed, 32, None).shape == (20,)
+    torch.testing.assert_close(y3.reshape(6, 20), qlinear(x3.reshape(6, 64), kind, *packed, group, None))
+    assert qlinear(x3[0, 0], kind, *packed, group, None).shape == (20,)
+    assert qlinear(torch.empty(0, 64), kind, *packed, group, None).shape == (0, 20)
 
 
 PANEL_NS = [1, 2, 3, 5, 6, 7, 13, 16, 33, 64, 300]
@@ -167,34 +178,6 @@ def test_f32_panels_match_reference(qlinear, N, M, K):
     packed, weight, magnitude = random_panels(M, K, gen)
     for bias in (False, True):
         check(qlinear, F32_PANELS, packed, M, weight, magnitude, N, bias, gen)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_f32_panels_thread_counts(qlinear, threads):
-    """Ragged work: 63 panels (the last one 9 rows), the N = 1 path in groups of 4 panels."""
-    gen = torch.Generator().manual_seed(threads + 20)
-    M, K = 1001, 96
-    packed, weight, magnitude = random_panels(M, K, gen)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for N in (1, 2, 6, 70):
-            check(qlinear, F32_PANELS, packed, M, weight, magnitude, N, True, gen)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def test_f32_panels_non_contiguous_and_batched_input(qlinear):
-    gen = torch.Generator().manual_seed(21)
-    packed, weight, magnitude = random_panels(20, 64, gen)
-    x = torch.randn(64, 9, generator=gen).t()  # [9, 64], not contiguous
-    check(qlinear, F32_PANELS, packed, 20, weight, magnitude, 9, True, gen, x=x)
-    x3 = torch.randn(2, 3, 64, generator=gen)
-    y3 = qlinear(x3, F32_PANELS, *packed, 20, None)
-    assert y3.shape == (2, 3, 20)
-    torch.testing.assert_close(y3.reshape(6, 20), qlinear(x3.reshape(6, 64), F32_PANELS, *packed, 20, None))
-    assert qlinear(x3[0, 0], F32_PANELS, *packed, 20, None).shape == (20,)
-    assert qlinear(torch.empty(0, 64), F32_PANELS, *packed, 20, None).shape == (0, 20)
 
 
 def test_f32_is_linear(qlinear):
