@@ -16,20 +16,29 @@ import numpy as np
 import torch
 
 from hanlin.errors import CheckpointError, HanlinError
+from hanlin.kernels import cpu_kernels
 from hanlin.models.bert import BertModel, can_pack, load_bert, pack_bf16, quantize_int8
 
 MINILM_NAMES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 PRECISIONS = ("fp32", "bf16", "int8")
+MAX_BATCH_TOKENS = 4096
 
 
 def default_precision(device: str = "cpu") -> str:
-    """bf16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX: cosine >= 0.9999 to
-    fp32 on real text and ~2x faster, see bench/embeddings.py), else fp32 (bf16 is emulated, and slow, on AVX2)."""
+    """On a CPU with the compiled kernels, int8 (every encoder linear an int8 GEMM, about twice the speed of bf16
+    on AVX512-VNNI and of fp32 on AVX2; the same retrieval recall on the search evaluation, see
+    docs/benchmarks.md); else bf16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX),
+    else fp32 (bf16 is emulated, and slow, on AVX2)."""
     if device != "cpu":
         return "bf16"
+    if cpu_kernels() is not None:
+        return "int8"
+    return "bf16" if _native_bf16() else "fp32"
+
+
+def _native_bf16() -> bool:
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
-    native = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-    return "bf16" if native else "fp32"
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 class Embedder:
@@ -103,8 +112,7 @@ class Embedder:
             raise HanlinError("batch_size must be at least 1")
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         with self._lock, torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
+            for rows in _batches(order, [len(seq) for seq in ids], batch_size):
                 out[rows] = self._embed_batch([ids[i] for i in rows])
         return out
 
@@ -123,6 +131,18 @@ class Embedder:
         return torch.nn.functional.normalize(pooled_BD, dim=-1).cpu().numpy()
 
 
+def _batches(order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive runs of `order` (sorted by length) of at most batch_size texts and MAX_BATCH_TOKENS padded
+    tokens: larger batches leave the encoder's GEMM outputs out of cache (measured slower per token)."""
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[i] <= MAX_BATCH_TOKENS:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def _pool(hidden_BTD: torch.Tensor, mask_BT: torch.Tensor, pooling: str) -> torch.Tensor:
     if pooling == "cls":
         return hidden_BTD[:, 0]
@@ -139,7 +159,7 @@ def _prepare(model: BertModel, precision: str, device: torch.device) -> torch.nn
     if precision == "int8":
         if device.type != "cpu":
             raise HanlinError("int8 embeddings run on the CPU only; use precision='bf16' or 'fp32' on a GPU")
-        return quantize_int8(model)
+        return quantize_int8(model, float_dtype=torch.bfloat16 if _native_bf16() else torch.float32)
     return model
 
 

@@ -1,10 +1,14 @@
 // The `hanlin_cpu` extension: every compiled CPU kernel, each source file registering its own functions.
 #include <torch/extension.h>
 
+#include "attention_softmax.h"
 #include "decode.h"
+#include "int8_rows.h"
 #include "qlinear.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_qlinear(m);
   hanlin::register_decode(m);
+  hanlin::register_int8_rows(m);
+  hanlin::register_attention_softmax(m);
 }

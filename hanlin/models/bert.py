@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hanlin.errors import CheckpointError, UnsupportedModelError
+from hanlin.kernels import cpu_kernels
+from hanlin.models.int8_linear import Int8Linear
 
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -83,11 +85,18 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.up_applies_gelu = False  # set when `up` is swapped for a linear with GELU fused in (pack_bf16)
         self.out_adds_residual = False  # set when attn_out and down add the residual in their GEMM (pack_bf16)
+        self.qkv_splits_heads = False  # set when `qkv` returns [3, B, heads, T, head_dim] itself (quantize_int8)
 
-    def forward(self, x_BTD: torch.Tensor, keep_B11T: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, keep_B11T: torch.Tensor | None,
+                key_lengths_B: torch.Tensor | None = None) -> torch.Tensor:
+        """keep_B11T: which keys each row may attend to (None: all); key_lengths_B: the same as lengths when the
+        keys kept are each row's first ones (right padding), else None."""
         B, T, D = x_BTD.shape
-        qkv_3BHTK = self.qkv(x_BTD).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn_BHTK = F.scaled_dot_product_attention(qkv_3BHTK[0], qkv_3BHTK[1], qkv_3BHTK[2], attn_mask=keep_B11T)
+        if self.qkv_splits_heads:
+            qkv_3BHTK = self.qkv(x_BTD)
+        else:
+            qkv_3BHTK = self.qkv(x_BTD).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn_BHTK = attention(qkv_3BHTK[0], qkv_3BHTK[1], qkv_3BHTK[2], keep_B11T, key_lengths_B)
         attn_BTD = attn_BHTK.transpose(1, 2).reshape(B, T, D)
         x_BTD = self.attn_norm(self._plus_residual(self.attn_out, attn_BTD, x_BTD))
         hidden_BTF = self.up(x_BTD)
@@ -113,12 +122,34 @@ class BertModel(nn.Module):
         if token_types_BT is None:
             token_types_BT = torch.zeros_like(ids_BT)
         x_BTD = self.embeddings(ids_BT, token_types_BT)
-        keep_B11T = None
+        keep_B11T = key_lengths_B = None
         if attention_mask_BT is not None and not bool(attention_mask_BT.all()):
-            keep_B11T = attention_mask_BT.bool()[:, None, None, :]
+            keep_BT = attention_mask_BT.bool()
+            keep_B11T = keep_BT[:, None, None, :]
+            lengths_B = keep_BT.sum(dim=1)
+            if torch.equal(keep_BT, torch.arange(keep_BT.shape[1], device=keep_BT.device) < lengths_B[:, None]):
+                key_lengths_B = lengths_B
         for layer in self.layers:
-            x_BTD = layer(x_BTD, keep_B11T)
+            x_BTD = layer(x_BTD, keep_B11T, key_lengths_B)
         return x_BTD
+
+
+_GEMM_ATTENTION_MAX_TOKENS = {torch.bfloat16: 256, torch.float32: 128}  # measured crossovers, bench in docs
+
+
+def attention(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor, keep_B11T: torch.Tensor | None,
+              key_lengths_B: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional softmax attention. On the CPU with the compiled kernels, when the mask is a right padding (or
+    none) and the sequences are short: two batched GEMMs around the kernels' softmax (bf16 up to 256 tokens,
+    fp32 up to 128: 1.5-2.5x ATen's flash attention there, slower beyond); else scaled_dot_product_attention."""
+    kernels = cpu_kernels() if q_BHTK.device.type == "cpu" else None
+    longest = _GEMM_ATTENTION_MAX_TOKENS.get(q_BHTK.dtype, 0)
+    if (kernels is None or q_BHTK.shape[-2] > longest or k_BHTK.shape[-2] > longest
+            or (keep_B11T is not None and key_lengths_B is None)):
+        return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, attn_mask=keep_B11T)
+    scores_BHTT = torch.matmul(q_BHTK, k_BHTK.transpose(-1, -2))
+    kernels.attention_softmax_(scores_BHTT, q_BHTK.shape[-1] ** -0.5, key_lengths_B)
+    return torch.matmul(scores_BHTT, v_BHTK)
 
 
 def _hf_names(layer: int) -> dict[str, str]:
@@ -192,34 +223,19 @@ def load_bert(directory: str | Path) -> BertModel:
     return model.eval().requires_grad_(False)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W int8 per output channel and x quantized per token at run time (int8 GEMM, int32
-    accumulation). Per-token scales keep BERT's few large activations from flattening every other token."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        weight_NK = linear.weight.detach().float()
-        scale_N = weight_NK.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight_KN", (weight_NK / scale_N[:, None]).round().to(torch.int8).t().contiguous())
-        self.register_buffer("scale_N", scale_N)
-        bias_N = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale_N)
-        self.register_buffer("bias_N", bias_N)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x_MK = x.reshape(-1, shape[-1]).float()
-        scale_M1 = x_MK.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-        q_MK = (x_MK / scale_M1).round_().to(torch.int8)
-        y_MN = torch._int_mm(q_MK, self.weight_KN).float()
-        y_MN = torch.addcmul(self.bias_N, y_MN, scale_M1 * self.scale_N)
-        return y_MN.view(*shape[:-1], -1).to(x.dtype)
-
-
-def quantize_int8(model: BertModel) -> BertModel:
-    """Swap every encoder linear for an Int8Linear (in place); embeddings and LayerNorms stay float."""
+def quantize_int8(model: BertModel, *, float_dtype: torch.dtype = torch.float32) -> BertModel:
+    """Every encoder linear as an Int8Linear (in place, CPU): `up` returns its GELU output already quantized for
+    `down`, and `attn_out` and `down` add the residual. Embeddings, LayerNorms and attention run in float_dtype
+    (bf16 where the CPU computes it natively)."""
+    model.embeddings.to(float_dtype)
     for layer in model.layers:
-        for name in ("qkv", "attn_out", "up", "down"):
-            setattr(layer, name, Int8Linear(getattr(layer, name)))
+        layer.qkv = Int8Linear(layer.qkv, qkv_heads=layer.heads)
+        layer.attn_out = Int8Linear(layer.attn_out)
+        layer.up = Int8Linear(layer.up, gelu=layer.gelu_approximate)
+        layer.down = Int8Linear(layer.down)
+        layer.qkv_splits_heads = layer.up_applies_gelu = layer.out_adds_residual = True
+        layer.attn_norm.to(float_dtype)
+        layer.mlp_norm.to(float_dtype)
     return model
 
 

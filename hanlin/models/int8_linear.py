@@ -1,0 +1,102 @@
+"""Linear layers computed in int8: weights per output channel, activations quantized per row at run time.
+
+A row x is held as int8 q with a scale s and an integer zero point z (x ~= s * (q - z)); its range
+[min(x, 0), max(x, 0)] maps onto -128..127, so a row that is mostly positive (GELU outputs) keeps all 256
+levels. torch._int_mm multiplies q by the int8 weight in int32 (AVX512-VNNI / AMX through oneDNN); the compiled
+kernels (hanlin/kernels/int8_rows.cpp) quantize the rows and turn the int32 result into floats with the bias, a
+residual or GELU + quantization for the next layer fused in, one pass each. Without them the same math runs in
+PyTorch ops.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hanlin.kernels import cpu_kernels
+
+
+class QuantizedRows(NamedTuple):
+    q: torch.Tensor  # int8 [M, K]
+    scale: torch.Tensor  # float32 [M]
+    zero: torch.Tensor  # float32 [M], integer-valued in -128..127
+
+
+def quantize_rows(x_MK: torch.Tensor) -> QuantizedRows:
+    kernels = cpu_kernels()
+    if kernels is not None and x_MK.device.type == "cpu" and x_MK.dtype in (torch.float32, torch.bfloat16):
+        return QuantizedRows(*kernels.quantize_rows(x_MK))
+    return _quantize_rows_torch(x_MK)
+
+
+def _quantize_rows_torch(x_MK: torch.Tensor) -> QuantizedRows:
+    x_MK = x_MK.float()
+    lo_M1 = x_MK.amin(dim=1, keepdim=True).clamp(max=0.0)
+    hi_M1 = x_MK.amax(dim=1, keepdim=True).clamp(min=0.0)
+    scale_M1 = torch.where(hi_M1 > lo_M1, (hi_M1 - lo_M1) / 255.0, torch.ones_like(hi_M1))
+    zero_M1 = torch.round(-128.0 - lo_M1 / scale_M1)
+    q_MK = (torch.round(x_MK * (1.0 / scale_M1)) + zero_M1).clamp_(-128, 127).to(torch.int8)
+    return QuantizedRows(q_MK, scale_M1.squeeze(1), zero_M1.squeeze(1))
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with an int8 GEMM. forward(x, residual=None) adds `residual` to the result; with `gelu`
+    ("none" = exact, or "tanh") it returns GELU(x W^T + b) as QuantizedRows, ready for the next Int8Linear;
+    with `qkv_heads` H (a fused query-key-value projection, x [B, T, D]) it returns y as [3, B, H, T, D / H]."""
+
+    def __init__(self, linear: nn.Linear, *, gelu: str | None = None, qkv_heads: int | None = None) -> None:
+        super().__init__()
+        self.qkv_heads = qkv_heads
+        weight_NK = linear.weight.detach().float()
+        scale_N = weight_NK.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q_NK = torch.round(weight_NK / scale_N[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("weight_KN", q_NK.t().contiguous())
+        self.register_buffer("w_scale_N", scale_N.contiguous())
+        self.register_buffer("colsum_N", q_NK.sum(dim=1, dtype=torch.int32).float())
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale_N)
+        self.register_buffer("bias_N", bias.contiguous())
+        self.gelu = gelu
+        self.in_features, self.out_features = weight_NK.shape[1], weight_NK.shape[0]
+
+    def forward(self, x: torch.Tensor | QuantizedRows,
+                residual: torch.Tensor | None = None) -> torch.Tensor | QuantizedRows:
+        if isinstance(x, QuantizedRows):
+            rows, lead, dtype = x, (x.q.shape[0],), torch.float32
+        else:
+            rows, lead, dtype = quantize_rows(x.reshape(-1, self.in_features)), x.shape[:-1], x.dtype
+        if residual is not None:
+            lead, dtype = residual.shape[:-1], residual.dtype
+        acc_MN = torch._int_mm(rows.q, self.weight_KN)
+        kernels = cpu_kernels() if acc_MN.device.type == "cpu" else None
+        terms = (rows.scale, rows.zero, self.w_scale_N, self.colsum_N, self.bias_N)
+        if self.gelu is not None:
+            if kernels is not None:
+                return QuantizedRows(*kernels.int8_linear_gelu_quantize(acc_MN, *terms, self.gelu == "tanh"))
+            return _quantize_rows_torch(F.gelu(self._dequantize(acc_MN, rows), approximate=self.gelu))
+        if self.qkv_heads is not None:
+            return self._split_heads(acc_MN, rows, terms, x.shape[0], dtype, kernels)
+        if kernels is not None and dtype in (torch.float32, torch.bfloat16):
+            res = residual.reshape(-1, self.out_features) if residual is not None else None
+            y_MN = kernels.int8_linear_output(acc_MN, *terms, res, dtype == torch.bfloat16)
+        else:
+            y_MN = self._dequantize(acc_MN, rows)
+            if residual is not None:
+                y_MN = y_MN + residual.reshape(-1, self.out_features).float()
+            y_MN = y_MN.to(dtype)
+        return y_MN.view(*lead, self.out_features)
+
+    def _dequantize(self, acc_MN: torch.Tensor, rows: QuantizedRows) -> torch.Tensor:
+        centred_MN = acc_MN.float() - rows.zero[:, None] * self.colsum_N
+        return torch.addcmul(self.bias_N, centred_MN, rows.scale[:, None] * self.w_scale_N)
+
+    def _split_heads(self, acc_MN: torch.Tensor, rows: QuantizedRows, terms: tuple, batch: int, dtype: torch.dtype,
+                     kernels) -> torch.Tensor:
+        heads = self.qkv_heads
+        if kernels is not None and dtype in (torch.float32, torch.bfloat16):
+            return kernels.int8_linear_qkv(acc_MN, *terms, batch, heads, dtype == torch.bfloat16)
+        y_MN = self._dequantize(acc_MN, rows).to(dtype)
+        head_dim = self.out_features // (3 * heads)
+        return y_MN.view(batch, -1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
