@@ -21,7 +21,7 @@ from hanlin.models.bert import BertModel, can_pack, load_bert, pack_bf16, quanti
 
 MINILM_NAMES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 PRECISIONS = ("fp32", "bf16", "int8")
-MAX_BATCH_TOKENS = 4096
+MAX_BATCH_TOKENS = 2048
 
 
 def default_precision(device: str = "cpu") -> str:
