@@ -18,6 +18,7 @@ import torch
 from hanlin.errors import CheckpointError, HanlinError
 from hanlin.kernels import cpu_kernels
 from hanlin.models.bert import BertModel, can_pack, load_bert, pack_bf16, quantize_int8
+from hanlin.models.int8_linear import int8_gemm_is_exact
 
 MINILM_NAMES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -25,13 +26,13 @@ MAX_BATCH_TOKENS = 2048
 
 
 def default_precision(device: str = "cpu") -> str:
-    """On a CPU with the compiled kernels, int8 (every encoder linear an int8 GEMM, about twice the speed of bf16
-    on AVX512-VNNI and of fp32 on AVX2; the same retrieval recall on the search evaluation, see
+    """On a CPU with the compiled kernels and exact int8 GEMMs (AVX512-VNNI or AMX), int8 (every encoder linear
+    an int8 GEMM, about twice bf16's speed there, the same retrieval recall on the search evaluation, see
     docs/benchmarks.md); else bf16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX),
     else fp32 (bf16 is emulated, and slow, on AVX2)."""
     if device != "cpu":
         return "bf16"
-    if cpu_kernels() is not None:
+    if cpu_kernels() is not None and int8_gemm_is_exact():
         return "int8"
     return "bf16" if _native_bf16() else "fp32"
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from hanlin.kernels import cpu_kernels
 from hanlin.models.bert import BertConfig, BertModel, attention, quantize_int8
-from hanlin.models.int8_linear import Int8Linear, QuantizedRows, _quantize_rows_torch, quantize_rows
+from hanlin.models.int8_linear import (Int8Linear, QuantizedRows, _quantize_rows_torch, int8_gemm_is_exact, int8_matmul,
+                                       quantize_rows)
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the compiled CPU kernels could not be built here")
 
@@ -43,6 +44,19 @@ def test_quantize_rows_round_trip_and_fallback(K: int, dtype: torch.dtype) -> No
     torch.testing.assert_close(rows.scale, reference.scale, rtol=1e-6, atol=0)
     assert torch.equal(rows.zero, reference.zero)
     assert (rows.q.int() - reference.q.int()).abs().max() <= 1  # x / s vs x * (1 / s) may round a tie apart
+
+
+@pytest.mark.parametrize("exact_int_mm", [True, False])
+def test_int8_matmul_is_exact(monkeypatch: pytest.MonkeyPatch, exact_int_mm: bool) -> None:
+    """Through torch._int_mm where it is exact here, else through fp32 products (oneDNN's AVX2 path is not)."""
+    if exact_int_mm and not int8_gemm_is_exact():
+        pytest.skip("torch._int_mm is not exact on this CPU (no AVX512-VNNI / AMX)")
+    monkeypatch.setattr("hanlin.models.int8_linear.int8_gemm_is_exact", lambda: exact_int_mm)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-128, 128, (37, 300), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (300, 50), dtype=torch.int8, generator=gen)
+    got = int8_matmul(q, w)
+    assert got.dtype == torch.int32 and torch.equal(got, (q.long() @ w.long()).int())
 
 
 def int8_linear(N: int, K: int, **kwargs) -> tuple[nn.Linear, Int8Linear]:

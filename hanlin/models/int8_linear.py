@@ -2,7 +2,8 @@
 
 A row x is held as int8 q with a scale s and an integer zero point z (x ~= s * (q - z)); its range
 [min(x, 0), max(x, 0)] maps onto -128..127, so a row that is mostly positive (GELU outputs) keeps all 256
-levels. torch._int_mm multiplies q by the int8 weight in int32 (AVX512-VNNI / AMX through oneDNN); the compiled
+levels. torch._int_mm multiplies q by the int8 weight in int32 (AVX512-VNNI / AMX through oneDNN; where it is
+not exact, fp32 products stand in: int8_gemm_is_exact); the compiled
 kernels (hanlin/kernels/int8_rows.cpp) quantize the rows and turn the int32 result into floats with the bias, a
 residual or GELU + quantization for the next layer fused in, one pass each. Without them the same math runs in
 PyTorch ops.
@@ -10,6 +11,7 @@ PyTorch ops.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -17,6 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from hanlin.kernels import cpu_kernels
+
+
+@functools.cache
+def int8_gemm_is_exact() -> bool:
+    """Whether torch._int_mm computes exact int32 products here. It does through oneDNN on AVX512-VNNI / AMX;
+    oneDNN's AVX2 path (no VNNI) was measured off by up to ~1e5 on random int8 inputs (16-bit intermediate
+    sums saturate), so there Int8Linear multiplies in fp32 instead: exact for |sums| < 2**24, and slower."""
+    gen = torch.Generator().manual_seed(0)
+    a_MK = torch.randint(-128, 128, (32, 256), dtype=torch.int8, generator=gen)
+    b_KN = torch.randint(-127, 128, (256, 48), dtype=torch.int8, generator=gen)
+    a_MK[0], b_KN[:, 0] = -128, 127
+    try:
+        got_MN = torch._int_mm(a_MK, b_KN)
+    except RuntimeError:
+        return False
+    return torch.equal(got_MN, (a_MK.long() @ b_KN.long()).int())
+
+
+def int8_matmul(q_MK: torch.Tensor, w_KN: torch.Tensor) -> torch.Tensor:
+    """int32 [M, N] = q @ w for int8 q [M, K] and w [K, N]."""
+    if q_MK.device.type == "cpu" and not int8_gemm_is_exact():
+        return torch.matmul(q_MK.float(), w_KN.float()).round_().int()
+    return torch._int_mm(q_MK, w_KN)
 
 
 class QuantizedRows(NamedTuple):
@@ -69,7 +94,7 @@ class Int8Linear(nn.Module):
             rows, lead, dtype = quantize_rows(x.reshape(-1, self.in_features)), x.shape[:-1], x.dtype
         if residual is not None:
             lead, dtype = residual.shape[:-1], residual.dtype
-        acc_MN = torch._int_mm(rows.q, self.weight_KN)
+        acc_MN = int8_matmul(rows.q, self.weight_KN)
         kernels = cpu_kernels() if acc_MN.device.type == "cpu" else None
         terms = (rows.scale, rows.zero, self.w_scale_N, self.colsum_N, self.bias_N)
         if self.gelu is not None:
