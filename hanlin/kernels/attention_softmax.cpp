@@ -43,9 +43,7 @@ void softmax_row(T* row, int64_t n, int64_t valid, float scale) {
     _mm256_storeu_ps(x + k, e);
     sum8 = _mm256_add_ps(sum8, e);
   }
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  float sum = _mm_cvtss_f32(_mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1)));
+  float sum = hsum(sum8);
   for (; k < valid; ++k) {
     x[k] = std::exp(x[k] - top);
     sum += x[k];

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "qlinear.h"
+#include "simd.h"
 
 namespace hanlin {
 namespace {
@@ -39,11 +40,7 @@ float dot(const float* a, const float* b, int64_t n) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
-  __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  float total = _mm_cvtss_f32(s);
+  float total = hsum(_mm256_add_ps(acc0, acc1));
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
 }

@@ -116,8 +116,9 @@ inline float dequantize1(const int32_t* acc_row, const Dequant& d, int64_t m, in
   return d.scale[m] * d.w_scale[n] * (acc_row[n] - d.zero[m] * d.colsum[n]) + d.bias[n];
 }
 
-void check_rows(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
-                const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias) {
+// The terms of an int8 GEMM's result acc [M, N], checked: row scale and zero [M]; w_scale, colsum, bias [N].
+Dequant checked_terms(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
+                      const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias) {
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt32 && acc.is_contiguous(), "acc: contiguous int32 [M, N]");
   const int64_t M = acc.size(0), N = acc.size(1);
   for (const auto* t : {&scale, &zero}) {
@@ -126,6 +127,8 @@ void check_rows(const torch::Tensor& acc, const torch::Tensor& scale, const torc
   for (const auto* t : {&w_scale, &colsum, &bias}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == N, "column terms: float32 [N]");
   }
+  return Dequant{scale.data_ptr<float>(), zero.data_ptr<float>(), w_scale.data_ptr<float>(), colsum.data_ptr<float>(),
+                 bias.data_ptr<float>()};
 }
 
 }  // namespace
@@ -160,7 +163,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows(const torc
 torch::Tensor int8_linear_output(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
                                  const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias,
                                  const c10::optional<torch::Tensor>& residual_in, bool out_bf16) {
-  check_rows(acc, scale, zero, w_scale, colsum, bias);
+  const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
   const int64_t M = acc.size(0), N = acc.size(1);
   const auto out_type = out_bf16 ? torch::kBFloat16 : torch::kFloat32;
   torch::Tensor residual;
@@ -169,8 +172,6 @@ torch::Tensor int8_linear_output(const torch::Tensor& acc, const torch::Tensor& 
     TORCH_CHECK(residual.scalar_type() == out_type && residual.numel() == M * N, "residual: [M, N] in the output dtype");
   }
   auto out = torch::empty({M, N}, acc.options().dtype(out_type));
-  const Dequant d{scale.data_ptr<float>(), zero.data_ptr<float>(), w_scale.data_ptr<float>(), colsum.data_ptr<float>(),
-                  bias.data_ptr<float>()};
   const int32_t* a = acc.data_ptr<int32_t>();
   void* out_base = out.data_ptr();
   const void* res_base = residual.defined() ? residual.data_ptr() : nullptr;
@@ -205,14 +206,12 @@ torch::Tensor int8_linear_output(const torch::Tensor& acc, const torch::Tensor& 
 torch::Tensor int8_linear_qkv(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
                               const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias,
                               int64_t batch, int64_t heads, bool out_bf16) {
-  check_rows(acc, scale, zero, w_scale, colsum, bias);
+  const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(batch > 0 && M % batch == 0, "int8_linear_qkv: rows must be batch * tokens");
   TORCH_CHECK(heads > 0 && N % (3 * heads) == 0, "int8_linear_qkv: columns must be 3 * heads * head_dim");
   const int64_t T = M / batch, K = N / (3 * heads);
   auto out = torch::empty({3, batch, heads, T, K}, acc.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32));
-  const Dequant d{scale.data_ptr<float>(), zero.data_ptr<float>(), w_scale.data_ptr<float>(), colsum.data_ptr<float>(),
-                  bias.data_ptr<float>()};
   const int32_t* a = acc.data_ptr<int32_t>();
   void* out_base = out.data_ptr();
   at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
@@ -242,13 +241,11 @@ torch::Tensor int8_linear_qkv(const torch::Tensor& acc, const torch::Tensor& sca
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_gelu_quantize(
     const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero, const torch::Tensor& w_scale,
     const torch::Tensor& colsum, const torch::Tensor& bias, bool tanh_approximation) {
-  check_rows(acc, scale, zero, w_scale, colsum, bias);
+  const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
   const int64_t M = acc.size(0), N = acc.size(1);
   auto q = torch::empty({M, N}, acc.options().dtype(torch::kInt8));
   auto out_scale = torch::empty({M}, acc.options().dtype(torch::kFloat32));
   auto out_zero = torch::empty({M}, acc.options().dtype(torch::kFloat32));
-  const Dequant d{scale.data_ptr<float>(), zero.data_ptr<float>(), w_scale.data_ptr<float>(), colsum.data_ptr<float>(),
-                  bias.data_ptr<float>()};
   const int32_t* a = acc.data_ptr<int32_t>();
   int8_t* qp = q.data_ptr<int8_t>();
   float *s = out_scale.data_ptr<float>(), *z = out_zero.data_ptr<float>();

@@ -19,6 +19,8 @@
 #include <atomic>
 #include <vector>
 
+#include "simd.h"
+
 namespace hanlin {
 namespace {
 
@@ -68,13 +70,6 @@ float dot_half(const Half* h, const float* v, int64_t n) {
   float sum = _mm_cvtss_f32(s);
   for (; i < n; ++i) sum += _cvtsh_ss(h[i]) * v[i];
   return sum;
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 inline __m256i load_8_bytes_u32(const uint8_t* p) {
@@ -639,11 +634,27 @@ void panel_linear(const Panels& w, const float* x, int64_t N, const float* bias,
   });
 }
 
+void check_input(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "qlinear: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "qlinear: x must be on the CPU");
+  TORCH_CHECK(x.dim() >= 1, "qlinear: x must have at least one dimension");
+}
+
+// The bias made contiguous (undefined when there is none), checked to be float32 [M].
+torch::Tensor checked_bias(const c10::optional<torch::Tensor>& bias, int64_t M) {
+  torch::Tensor b;
+  if (bias && bias->defined()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == torch::kFloat32, "qlinear: bias must be float32, got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == M, "qlinear: bias must be [M] = [", M, "], got ", b.sizes());
+  }
+  return b;
+}
+
+// x already checked by check_input.
 torch::Tensor f32_panels_linear(const torch::Tensor& x, const torch::Tensor& qdata, int64_t M,
                                 const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "qlinear: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu(), "qlinear: tensors must be on the CPU");
-  TORCH_CHECK(x.dim() >= 1, "qlinear: x must have at least one dimension");
+  TORCH_CHECK(qdata.device().is_cpu(), "qlinear: tensors must be on the CPU");
   TORCH_CHECK(qdata.scalar_type() == torch::kFloat32, "qlinear: fp32 panels must be float32, got ", qdata.scalar_type());
   TORCH_CHECK(qdata.dim() == 3 && qdata.size(2) == kPanel, "qlinear: fp32 panels must be [ceil(M / 16), K, 16], got ",
               qdata.sizes());
@@ -651,12 +662,7 @@ torch::Tensor f32_panels_linear(const torch::Tensor& x, const torch::Tensor& qda
   TORCH_CHECK(M > (P - 1) * kPanel && M <= P * kPanel, "qlinear: fp32 panels: group must be M (",
               (P - 1) * kPanel + 1, " to ", P * kPanel, " for ", P, " panels), got ", M);
   TORCH_CHECK(x.size(-1) == K, "qlinear: x has ", x.size(-1), " features, the weight expects K = ", K);
-  torch::Tensor b;
-  if (bias && bias->defined()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == torch::kFloat32, "qlinear: bias must be float32, got ", b.scalar_type());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == M, "qlinear: bias must be [M] = [", M, "], got ", b.sizes());
-  }
+  const torch::Tensor b = checked_bias(bias, M);
   const auto q = qdata.contiguous();
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = M;
@@ -673,21 +679,14 @@ torch::Tensor f32_panels_linear(const torch::Tensor& x, const torch::Tensor& qda
 torch::Tensor qlinear(const torch::Tensor& x, int64_t kind, const torch::Tensor& qdata, const torch::Tensor& scales,
                       const torch::Tensor& mins, int64_t group, const c10::optional<torch::Tensor>& bias) {
   if (kind == kF32) return f32_linear(x, qdata, bias);
+  check_input(x);
   if (kind == kF32Panels) return f32_panels_linear(x, qdata, group, bias);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "qlinear: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), "qlinear: x must be on the CPU");
-  TORCH_CHECK(x.dim() >= 1, "qlinear: x must have at least one dimension");
   // Keep the tensors alive while raw pointers into them are used.
   const auto q = qdata.contiguous(), s = scales.contiguous();
   const auto mn = kind == kQ4 ? mins.contiguous() : mins;
   const QWeight w = check_weight(kind, q, s, mn, group);
   TORCH_CHECK(x.size(-1) == w.K, "qlinear: x has ", x.size(-1), " features, the weight expects K = ", w.K);
-  torch::Tensor b;
-  if (bias && bias->defined()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == torch::kFloat32, "qlinear: bias must be float32, got ", b.scalar_type());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.M, "qlinear: bias must be [M] = [", w.M, "], got ", b.sizes());
-  }
+  const torch::Tensor b = checked_bias(bias, w.M);
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = w.M;
   const auto x2 = x.reshape({-1, w.K}).contiguous();

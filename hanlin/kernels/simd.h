@@ -1,4 +1,5 @@
-// AVX2 helpers shared by the compiled kernels: float32 / bfloat16 loads and stores of 8 lanes, exp, reductions.
+// AVX2 helpers shared by the compiled kernels: float32 / bfloat16 loads and stores of 8 lanes, exp, horizontal
+// sum / min / max.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -39,6 +40,12 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
 }
 
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 inline float hmin(__m256 v) {
   __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_min_ps(m, _mm_movehl_ps(m, m));

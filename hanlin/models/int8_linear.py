@@ -95,7 +95,8 @@ class Int8Linear(nn.Module):
         if residual is not None:
             lead, dtype = residual.shape[:-1], residual.dtype
         acc_MN = int8_matmul(rows.q, self.weight_KN)
-        kernels = cpu_kernels() if acc_MN.device.type == "cpu" else None
+        on_kernels = acc_MN.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        kernels = cpu_kernels() if on_kernels else None
         terms = (rows.scale, rows.zero, self.w_scale_N, self.colsum_N, self.bias_N)
         if self.gelu is not None:
             if kernels is not None:
@@ -103,7 +104,7 @@ class Int8Linear(nn.Module):
             return _quantize_rows_torch(F.gelu(self._dequantize(acc_MN, rows), approximate=self.gelu))
         if self.qkv_heads is not None:
             return self._split_heads(acc_MN, rows, terms, x.shape[0], dtype, kernels)
-        if kernels is not None and dtype in (torch.float32, torch.bfloat16):
+        if kernels is not None:
             res = residual.reshape(-1, self.out_features) if residual is not None else None
             y_MN = kernels.int8_linear_output(acc_MN, *terms, res, dtype == torch.bfloat16)
         else:
@@ -120,7 +121,7 @@ class Int8Linear(nn.Module):
     def _split_heads(self, acc_MN: torch.Tensor, rows: QuantizedRows, terms: tuple, batch: int, dtype: torch.dtype,
                      kernels) -> torch.Tensor:
         heads = self.qkv_heads
-        if kernels is not None and dtype in (torch.float32, torch.bfloat16):
+        if kernels is not None:
             return kernels.int8_linear_qkv(acc_MN, *terms, batch, heads, dtype == torch.bfloat16)
         y_MN = self._dequantize(acc_MN, rows).to(dtype)
         head_dim = self.out_features // (3 * heads)

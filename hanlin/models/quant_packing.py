@@ -128,10 +128,7 @@ def panel_range(qdata: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 
 def dequantize(kind: int, qdata: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
-    """fp32 [M, K] values of a packed weight (or of some of its rows); F32_PANELS: every row of the given
-    panels, padding included (group rows are real)."""
-    if kind == F32_PANELS:
-        return panel_range(qdata, 0, qdata.shape[0] * PANEL).float()
+    """fp32 [M, K] values of a quantized weight (or of some of its rows); panels go through panel_range."""
     scale = scales.float().repeat_interleave(group, dim=-1)
     if kind == Q8:
         return qdata.float() * scale[..., : qdata.shape[-1]]
