@@ -1,4 +1,4 @@
-"""Quality of quantized weights: perplexity of the embedded model as fp32, int8 and int4, and llama.cpp's Q4_1.
+"""Quality of quantized weights: perplexity of the embedded model as fp32, int8, w8a8 and int4, and llama.cpp's Q4_1.
 
     python bench/perplexity.py [--windows 16] [--window 512] [--text ../shared/data/corpora/grimm_tales.txt]
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], help="skip: llama.cpp int8 int4")
+    parser.add_argument("--skip", nargs="*", default=[], help="skip: llama.cpp int8 w8a8 int4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.text.exists():
@@ -54,7 +54,7 @@ def main() -> None:
     fp32 = hanlin.load("smollm2")
     ids = fp32.tokenizer.encode(args.text.read_text()[args.skip_chars :])[: args.window * args.windows]
     engines: dict[str, WindowLogits] = {"hanlin fp32": model_logits(fp32.model)}
-    for scheme in ("int8", "int4"):
+    for scheme in ("int8", "w8a8", "int4"):
         if scheme not in args.skip:
             engines[f"hanlin {scheme}"] = model_logits(hanlin.load("smollm2", quantize=scheme).model)
     if "int4" not in args.skip:

@@ -43,9 +43,12 @@ def load(
     quantize="int8" stores the linear and embedding weights as int8 per output channel (4x fewer bytes than
     fp32); quantize="int4" as 4-bit with an fp16 scale and min per group of 32 inputs (~6x fewer). A GGUF
     file's Q4_0/Q4_1/Q8_0 (int4) or Q8_0 (int8) tensors are taken as stored, without a round trip through fp32.
+    quantize="w8a8" loads fp32, smooths activation outliers into the weights, stores int8 per channel and
+    computes batches of 5 or more rows with int8 activations (hanlin.models.quantized.quantize_model).
     """
     from hanlin.checkpoints.gguf import load_gguf
     from hanlin.checkpoints.hf import load_hf_directory
+    from hanlin.checkpoints.materialize import return_free_memory
     from hanlin.tokenizer import Tokenizer
 
     check_quantize(quantize)
@@ -56,9 +59,14 @@ def load(
             config, model = load_hf_directory(path, device=device, dtype=dtype)
             if quantize is not None:
                 quantize_model(model, quantize)
+                return_free_memory()
             tokenizer = Tokenizer.from_file(path)
         else:
-            config, model, meta = load_gguf(path, device=device, dtype=dtype, progress=report, quantize=quantize)
+            at_load = None if quantize == "w8a8" else quantize  # w8a8 smooths the fp32 weights first
+            config, model, meta = load_gguf(path, device=device, dtype=dtype, progress=report, quantize=at_load)
+            if quantize == "w8a8":
+                quantize_model(model, quantize)
+                return_free_memory()  # the fp32 weights it replaced
             tokenizer = Tokenizer.from_gguf_metadata(meta)
     return LoadedModel(config, model, tokenizer, str(path), time.perf_counter() - start)
 

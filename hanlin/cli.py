@@ -41,7 +41,7 @@ Seed = Annotated[int | None, env_option("--seed", env="SEED", help="Random seed 
 MaxTokens = Annotated[int, env_option("--max-tokens", "-n", env="MAX_TOKENS", help="Most tokens to generate per reply.")]
 Stop = Annotated[list[str] | None, env_option("--stop", env="STOP", help="Stop when this string is generated (repeatable).")]
 JsonOutput = Annotated[bool, env_option("--json", env="JSON", help="Print one JSON object instead of text.")]
-Quantize = Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32); faster decode on CPU.")]
+Quantize = Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel), int4 (4-bit, group 32) or w8a8 (int8 weights and activations: faster prefill); faster decode on CPU.")]
 Device = Annotated[str | None, env_option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")]
 
 

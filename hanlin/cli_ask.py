@@ -33,7 +33,7 @@ def ask(
                                                        "(the model cites [n] itself) or auto (per-source under 1B parameters).")] = "auto",
     temperature: Annotated[float, env_option("--temperature", env="TEMPERATURE", help="Sampling temperature; 0 = greedy.")] = 0.0,
     json_output: Annotated[bool, env_option("--json", env="JSON", help="Print the result as one JSON object.")] = False,
-    quantize: Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 or int4.")] = None,
+    quantize: Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8, int4 or w8a8.")] = None,
     device: Annotated[str | None, env_option("--device", env="DEVICE", help="torch device (cpu, cuda, ...).")] = None,
 ) -> None:
     """Answer QUESTION from the indexed documents, citing them: plan, search, read, answer, check citations."""

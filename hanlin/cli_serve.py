@@ -23,7 +23,7 @@ def serve(
     port: Annotated[int, env_option("--port", "-p", env="PORT", help="Port to listen on (0 picks a free one).")] = 8000,
     db: Annotated[str | None, env_option("--db", env="DB", help="Keys and metering database: a SQLite path, sqlite:///path or postgresql://... (default: $HANLIN_HOME/hanlin.db).")] = None,
     max_queued: Annotated[int, env_option("--max-queued", env="MAX_QUEUED", help="Waiting requests before new ones get 429 with Retry-After.")] = 256,
-    quantize: Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel) or int4 (4-bit, group 32).")] = None,
+    quantize: Annotated[str | None, env_option("--quantize", "-q", env="QUANTIZE", help="Quantize weights at load: int8 (per channel), int4 (4-bit, group 32) or w8a8 (int8 weights and activations).")] = None,
     device: Annotated[str | None, env_option("--device", env="DEVICE", help="torch device (cpu, cuda, ...); default: the loader's choice.")] = None,
     max_num_seqs: Annotated[int, env_option("--max-num-seqs", env="MAX_NUM_SEQS", help="Sequences decoded together in one step.")] = 64,
     max_batched_tokens: Annotated[int, env_option("--max-batched-tokens", env="MAX_BATCHED_TOKENS", help="Tokens computed per engine step (prefill chunks share it with decodes).")] = 256,

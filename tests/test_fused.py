@@ -37,6 +37,8 @@ VARIANTS = {
     "int8": dict(quantize="int8"),
     "int4": dict(quantize="int4"),
     "int4-moe": dict(quantize="int4", moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32)),
+    "w8a8": dict(quantize="w8a8"),
+    "w8a8-moe": dict(quantize="w8a8", moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48)),
 }
 
 

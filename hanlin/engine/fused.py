@@ -15,6 +15,7 @@ from torch import nn
 from hanlin.engine.kv_cache import PagedKVCache, StepKV
 from hanlin.kernels import cpu_kernels
 from hanlin.models import Transformer
+from hanlin.models.int8_linear import int8_gemm_is_exact
 from hanlin.models.layers import SwiGLU
 
 F32 = 0
@@ -37,9 +38,11 @@ def _linear(kernels, module: nn.Module):
     if isinstance(module, nn.Linear):
         empty = torch.empty(0)
         return kernels.Linear(F32, module.weight.detach(), empty, empty, 0, None if module.bias is None else module.bias.detach())
-    # hanlin.models.quantized.QuantLinear (int8, 4-bit or fp32 panels): its packed weight as qlinear.h defines it.
+    # hanlin.models.quantized.QuantLinear (int8, 4-bit or fp32 panels): its packed weight as qlinear.h defines it;
+    # a w8a8 layer also passes what its int8 GEMM's output needs (int8_rows.h).
     bias = None if module.bias is None else module.bias.detach()
-    return kernels.Linear(module.kind, module.qdata, module.scales, module.mins, module.group, bias)
+    int8_terms = list(module.int8_terms()) if module.int8_activations and int8_gemm_is_exact() else None
+    return kernels.Linear(module.kind, module.qdata, module.scales, module.mins, module.group, bias, int8_terms)
 
 
 class FusedModel:

@@ -7,12 +7,12 @@ from dataclasses import dataclass, fields
 from hanlin.errors import HanlinError
 
 # Weight-only quantization at load (hanlin.load): None keeps fp32 (or the device's dtype).
-QUANTIZE_SCHEMES = (None, "int8", "int4")
-QUANTIZE_HELP = "int8 (per channel) or int4 (4-bit, group 32)"
+QUANTIZE_SCHEMES = (None, "int8", "int4", "w8a8")
+QUANTIZE_HELP = "int8 (per channel), int4 (4-bit, group 32) or w8a8 (int8 weights, int8 activations for batches)"
 
 
 def check_quantize(quantize: str | None) -> None:
-    """Raises HanlinError naming the valid choices for anything but None, "int8" or "int4"."""
+    """Raises HanlinError naming the valid choices for anything but None or one of the schemes."""
     if quantize not in QUANTIZE_SCHEMES:
         raise HanlinError(f"unknown quantization {quantize!r}: use {QUANTIZE_HELP}, or leave it unset for fp32 weights")
 
@@ -21,7 +21,7 @@ def check_quantize(quantize: str | None) -> None:
 class EngineOptions:
     model: str = "smollm2"  # a model name, .gguf file or Hugging Face directory
     device: str | None = None
-    quantize: str | None = None  # None (fp32), "int8" (per channel) or "int4" (4-bit, group 32)
+    quantize: str | None = None  # None (fp32), "int8" (per channel), "int4" (4-bit, group 32) or "w8a8"
     block_size: int = 16  # tokens per KV block
     kv_cache_mb: int = 1024  # memory for the paged KV cache (allocated lazily by the OS as blocks are touched)
     kv_cache_blocks: int | None = None  # an exact block count instead of kv_cache_mb

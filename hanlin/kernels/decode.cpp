@@ -13,24 +13,51 @@
 #include <cmath>
 #include <vector>
 
+#include "int8_rows.h"
 #include "qlinear.h"
 #include "simd.h"
 
 namespace hanlin {
 namespace {
 
+using QuantizedRows = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;  // int8 q, scale, zero per row
+
+// A packed weight (qlinear.h). With int8 terms (w8a8: an int8 weight per channel, see int8_rows.h) each input row
+// is quantized and multiplied in int8 by at::_int_mm over the transposed weight.
 struct Linear {
   int64_t kind = kF32;
   torch::Tensor qdata, scales, mins;
   int64_t group = 0;
   c10::optional<torch::Tensor> bias;
+  bool int8 = false;
+  torch::Tensor w_scale, colsum, bias_n;  // float32 [N] each, for int8
 
-  torch::Tensor operator()(const torch::Tensor& x) const { return qlinear(x, kind, qdata, scales, mins, group, bias); }
+  torch::Tensor operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual = c10::nullopt) const {
+    if (int8) return int8_output(quantize_rows(x), residual);
+    auto y = qlinear(x, kind, qdata, scales, mins, group, bias);
+    if (residual) y.add_(*residual);
+    return y;
+  }
+
+  at::Tensor int8_product(const QuantizedRows& rows) const { return at::_int_mm(std::get<0>(rows), qdata.t()); }
+
+  torch::Tensor int8_output(const QuantizedRows& rows, const c10::optional<torch::Tensor>& residual) const {
+    return int8_linear_output(int8_product(rows), std::get<1>(rows), std::get<2>(rows), w_scale, colsum, bias_n,
+                              residual, false);
+  }
 };
 
 Linear make_linear(int64_t kind, torch::Tensor qdata, torch::Tensor scales, torch::Tensor mins, int64_t group,
-                   c10::optional<torch::Tensor> bias) {
-  return Linear{kind, std::move(qdata), std::move(scales), std::move(mins), group, std::move(bias)};
+                   c10::optional<torch::Tensor> bias, c10::optional<std::vector<torch::Tensor>> int8_terms) {
+  Linear linear{kind, std::move(qdata), std::move(scales), std::move(mins), group, std::move(bias)};
+  if (int8_terms) {
+    TORCH_CHECK(linear.kind == kQ8 && int8_terms->size() == 3, "int8 terms: (w_scale, colsum, bias) of an int8 weight");
+    linear.int8 = true;
+    linear.w_scale = (*int8_terms)[0];
+    linear.colsum = (*int8_terms)[1];
+    linear.bias_n = (*int8_terms)[2];
+  }
+  return linear;
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -97,6 +124,47 @@ struct StepPlan {
   std::vector<torch::Tensor> k_pools, v_pools;  // the paged cache: [slots, Hkv, Dh] per kv layer
 };
 
+// s[i] = exp(s[i] - max(s)) over n scores; returns their sum.
+float softmax_in_place(float* s, int64_t n) {
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + i));
+  float top = hmax(top8);
+  for (; i < n; ++i) top = std::max(top, s[i]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), shift));
+    _mm256_storeu_ps(s + i, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = hsum(total8);
+  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - top));
+  return total;
+}
+
+// o = scale * sum_p w[p - first] * v(p) for the paged value rows of positions first .. ctx (v: this head's column
+// in the pool). Head sizes up to 128 in multiples of 8 keep the sum in registers.
+void weighted_sum(const float* w, const float* v, const int32_t* table, int64_t first, int64_t ctx, int64_t bs,
+                  int64_t slot_stride, int64_t Dh, float scale, float* o) {
+  auto row = [&](int64_t p) { return v + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride; };
+  if (Dh % 8 == 0 && Dh <= 128) {
+    __m256 acc[16];
+    const int64_t lanes = Dh / 8;
+    for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t p = first; p < ctx; ++p) {
+      const __m256 wp = _mm256_set1_ps(w[p - first]);
+      const float* vr = row(p);
+      for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+    }
+    const __m256 scale8 = _mm256_set1_ps(scale);
+    for (int64_t j = 0; j < lanes; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], scale8));
+    return;
+  }
+  std::fill(o, o + Dh, 0.0f);
+  for (int64_t p = first; p < ctx; ++p) axpy(w[p - first] * scale, row(p), o, Dh);
+}
+
 // Attention for single-token queries over their paged context, reading K/V blocks in place.
 void decode_attention(const StepPlan& plan, const float* q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                       int64_t H, int64_t Hkv, int64_t Dh, float* out) {
@@ -121,18 +189,11 @@ void decode_attention(const StepPlan& plan, const float* q, const torch::Tensor&
           scores[r * (ctx - first) + (p - first)] = dot(q + (g * H + kvh * rep + r) * Dh, k, Dh) * scale;
         }
       }
+      const int64_t len = ctx - first;
       for (int64_t r = 0; r < rep; ++r) {
-        float* s = scores.data() + r * (ctx - first);
-        const float top = *std::max_element(s, s + (ctx - first));
-        float total = 0.0f;
-        for (int64_t i = 0; i < ctx - first; ++i) total += (s[i] = std::exp(s[i] - top));
-        for (int64_t i = 0; i < ctx - first; ++i) s[i] /= total;
         float* o = out + (g * H + kvh * rep + r) * Dh;
-        std::fill(o, o + Dh, 0.0f);
-      }
-      for (int64_t p = first; p < ctx; ++p) {
-        const float* v = vp + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + kvh * Dh;
-        for (int64_t r = 0; r < rep; ++r) axpy(scores[r * (ctx - first) + (p - first)], v, out + (g * H + kvh * rep + r) * Dh, Dh);
+        const float inv_total = 1.0f / softmax_in_place(scores.data() + r * len, len);
+        weighted_sum(scores.data() + r * len, vp + kvh * Dh, table, first, ctx, bs, slot_stride, Dh, inv_total, o);
       }
     }
   });
@@ -179,14 +240,19 @@ class FusedLayer {
     auto out_NHD = torch::empty({N, H_, Dh_}, x_ND.options());
     if (plan.num_decode > 0) decode_attention(plan, q_NHD.data_ptr<float>(), k_pool, v_pool, H_, Hkv_, Dh_, out_NHD.data_ptr<float>());
     for (size_t c = 0; c < plan.chunk_start.size(); ++c) chunk_attention(plan, c, q_NHD, k_pool, v_pool, out_NHD);
-    auto y = o_(out_NHD.view({N, q_dim}));
-    y.add_(x_ND);
-    return y;
+    return o_(out_NHD.view({N, q_dim}), x_ND);
   }
 
   // x + down(silu(gate(h)) * up(h)) with h = post_attn_norm(x).
   torch::Tensor mlp(const torch::Tensor& x_ND) const {
     TORCH_CHECK(has_mlp(), "this layer's MLP is not fused (a Mixture-of-Experts layer)");
+    if (gate_up_->int8 && down_->int8) {
+      const QuantizedRows rows = quantize_rows(rms_norm(x_ND, post_attn_norm_, eps_));
+      const QuantizedRows hidden =
+          int8_linear_swiglu_quantize(gate_up_->int8_product(rows), std::get<1>(rows), std::get<2>(rows),
+                                      gate_up_->w_scale, gate_up_->colsum, gate_up_->bias_n);
+      return down_->int8_output(hidden, x_ND);
+    }
     auto gu = (*gate_up_)(rms_norm(x_ND, post_attn_norm_, eps_));
     const int64_t N = gu.size(0), F = gu.size(1) / 2;
     auto act = torch::empty({N, F}, gu.options());
@@ -200,9 +266,7 @@ class FusedLayer {
         }
       }
     });
-    auto y = (*down_)(act);
-    y.add_(x_ND);
-    return y;
+    return (*down_)(act, x_ND);
   }
 
   torch::Tensor forward(const torch::Tensor& x_ND, const StepPlan& plan) const {
@@ -272,8 +336,8 @@ void register_decode(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<Linear>(m, "Linear")
       .def(py::init(&make_linear), py::arg("kind"), py::arg("qdata"), py::arg("scales"), py::arg("mins"),
-           py::arg("group"), py::arg("bias") = py::none())
-      .def("__call__", &Linear::operator());
+           py::arg("group"), py::arg("bias") = py::none(), py::arg("int8_terms") = py::none())
+      .def("__call__", [](const Linear& linear, const torch::Tensor& x) { return linear(x); });
   py::class_<StepPlan>(m, "StepPlan")
       .def(py::init<>())
       .def_readwrite("cos", &StepPlan::cos)

@@ -274,6 +274,50 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_gelu_quantiz
   return {q, out_scale, out_zero};
 }
 
+// SwiGLU of an int8 GEMM's result acc [M, 2F] (gate columns 0..F, up columns F..2F): silu(gate) * up per row,
+// quantized for the next int8 GEMM: (q [M, F], scale, zero).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_swiglu_quantize(
+    const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero, const torch::Tensor& w_scale,
+    const torch::Tensor& colsum, const torch::Tensor& bias) {
+  const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(N % 2 == 0, "int8_linear_swiglu_quantize: acc must have 2 * F columns (gate, then up)");
+  const int64_t F = N / 2;
+  auto q = torch::empty({M, F}, acc.options().dtype(torch::kInt8));
+  auto out_scale = torch::empty({M}, acc.options().dtype(torch::kFloat32));
+  auto out_zero = torch::empty({M}, acc.options().dtype(torch::kFloat32));
+  const int32_t* a = acc.data_ptr<int32_t>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float *s = out_scale.data_ptr<float>(), *z = out_zero.data_ptr<float>();
+  at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(F);
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* acc_row = a + m * N;
+      const __m256 s8 = _mm256_set1_ps(d.scale[m]), z8 = _mm256_set1_ps(d.zero[m]);
+      __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
+      int64_t f = 0;
+      for (; f + 8 <= F; f += 8) {
+        const __m256 g = dequantize8(acc_row, d, s8, z8, f);
+        const __m256 u = dequantize8(acc_row, d, s8, z8, F + f);
+        const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(80.0f)));
+        const __m256 h = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+        _mm256_storeu_ps(row.data() + f, h);
+        lo8 = _mm256_min_ps(lo8, h);
+        hi8 = _mm256_max_ps(hi8, h);
+      }
+      float lo = hmin(lo8), hi = hmax(hi8);
+      for (; f < F; ++f) {
+        const float g = dequantize1(acc_row, d, m, f), u = dequantize1(acc_row, d, m, F + f);
+        row[f] = g / (1.0f + std::exp(std::min(-g, 80.0f))) * u;
+        lo = std::min(lo, row[f]);
+        hi = std::max(hi, row[f]);
+      }
+      std::tie(s[m], z[m]) = quantize_row_in_range(row.data(), F, lo, hi, qp + m * F);
+    }
+  });
+  return {q, out_scale, out_zero};
+}
+
 void register_int8_rows(pybind11::module& m) {
   namespace py = pybind11;
   m.def("quantize_rows", &quantize_rows, py::arg("x"));
@@ -281,6 +325,8 @@ void register_int8_rows(pybind11::module& m) {
         py::arg("w_scale"), py::arg("colsum"), py::arg("bias"), py::arg("residual") = py::none(), py::arg("out_bf16") = false);
   m.def("int8_linear_gelu_quantize", &int8_linear_gelu_quantize, py::arg("acc"), py::arg("scale"), py::arg("zero"),
         py::arg("w_scale"), py::arg("colsum"), py::arg("bias"), py::arg("tanh_approximation") = false);
+  m.def("int8_linear_swiglu_quantize", &int8_linear_swiglu_quantize, py::arg("acc"), py::arg("scale"), py::arg("zero"),
+        py::arg("w_scale"), py::arg("colsum"), py::arg("bias"));
   m.def("int8_linear_qkv", &int8_linear_qkv, py::arg("acc"), py::arg("scale"), py::arg("zero"), py::arg("w_scale"),
         py::arg("colsum"), py::arg("bias"), py::arg("batch"), py::arg("heads"), py::arg("out_bf16") = false);
 }

@@ -8,6 +8,15 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <tuple>
+
 namespace hanlin {
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x);
+torch::Tensor int8_linear_output(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
+                                 const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias,
+                                 const c10::optional<torch::Tensor>& residual, bool out_bf16);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_swiglu_quantize(
+    const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero, const torch::Tensor& w_scale,
+    const torch::Tensor& colsum, const torch::Tensor& bias);
 void register_int8_rows(pybind11::module& m);
-}
+}  // namespace hanlin

@@ -67,6 +67,47 @@ def _quantize_rows_torch(x_MK: torch.Tensor) -> QuantizedRows:
     return QuantizedRows(q_MK, scale_M1.squeeze(1), zero_M1.squeeze(1))
 
 
+class Int8Terms(NamedTuple):
+    """Per output channel of an int8 weight qw [N, K] (w ~= w_scale * qw): what turns an int32 GEMM result into
+    floats. All float32 [N]."""
+
+    w_scale: torch.Tensor
+    colsum: torch.Tensor  # sum_k qw[n, k]
+    bias: torch.Tensor  # zeros for a linear without bias
+
+
+def int8_terms(q_NK: torch.Tensor, w_scale_N: torch.Tensor, bias_N: torch.Tensor | None) -> Int8Terms:
+    w_scale_N = w_scale_N.reshape(-1).float().contiguous()
+    bias_N = torch.zeros_like(w_scale_N) if bias_N is None else bias_N.detach().float().contiguous()
+    return Int8Terms(w_scale_N, q_NK.sum(dim=1, dtype=torch.int32).float(), bias_N)
+
+
+def _dequantize(acc_MN: torch.Tensor, rows: QuantizedRows, terms: Int8Terms) -> torch.Tensor:
+    centred_MN = acc_MN.float() - rows.zero[:, None] * terms.colsum
+    return torch.addcmul(terms.bias, centred_MN, rows.scale[:, None] * terms.w_scale)
+
+
+def int8_linear_rows(rows: QuantizedRows, weight_KN: torch.Tensor, terms: Int8Terms) -> torch.Tensor:
+    """float32 [M, N] = x W^T + b for quantized rows of x and an int8 weight given as [K, N] (a transposed view
+    of [N, K] works too)."""
+    acc_MN = int8_matmul(rows.q, weight_KN)
+    kernels = cpu_kernels() if acc_MN.device.type == "cpu" else None
+    if kernels is not None:
+        return kernels.int8_linear_output(acc_MN, rows.scale, rows.zero, *terms, None, False)
+    return _dequantize(acc_MN, rows, terms)
+
+
+def int8_swiglu_rows(rows: QuantizedRows, gate_up_KN: torch.Tensor, terms: Int8Terms) -> QuantizedRows:
+    """silu(gate) * up for a fused [2F, K] gate/up projection (gate rows first), quantized per row for the down
+    projection."""
+    acc_MN = int8_matmul(rows.q, gate_up_KN)
+    kernels = cpu_kernels() if acc_MN.device.type == "cpu" else None
+    if kernels is not None:
+        return QuantizedRows(*kernels.int8_linear_swiglu_quantize(acc_MN, rows.scale, rows.zero, *terms))
+    gate_MF, up_MF = _dequantize(acc_MN, rows, terms).chunk(2, dim=1)
+    return _quantize_rows_torch(F.silu(gate_MF) * up_MF)
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with an int8 GEMM. forward(x, residual=None) adds `residual` to the result; with `gelu`
     ("none" = exact, or "tanh") it returns GELU(x W^T + b) as QuantizedRows, ready for the next Int8Linear;
@@ -79,10 +120,10 @@ class Int8Linear(nn.Module):
         scale_N = weight_NK.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         q_NK = torch.round(weight_NK / scale_N[:, None]).clamp_(-127, 127).to(torch.int8)
         self.register_buffer("weight_KN", q_NK.t().contiguous())
-        self.register_buffer("w_scale_N", scale_N.contiguous())
-        self.register_buffer("colsum_N", q_NK.sum(dim=1, dtype=torch.int32).float())
-        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale_N)
-        self.register_buffer("bias_N", bias.contiguous())
+        terms = int8_terms(q_NK, scale_N, linear.bias)
+        self.register_buffer("w_scale_N", terms.w_scale)
+        self.register_buffer("colsum_N", terms.colsum)
+        self.register_buffer("bias_N", terms.bias)
         self.gelu = gelu
         self.in_features, self.out_features = weight_NK.shape[1], weight_NK.shape[0]
 
@@ -115,8 +156,7 @@ class Int8Linear(nn.Module):
         return y_MN.view(*lead, self.out_features)
 
     def _dequantize(self, acc_MN: torch.Tensor, rows: QuantizedRows) -> torch.Tensor:
-        centred_MN = acc_MN.float() - rows.zero[:, None] * self.colsum_N
-        return torch.addcmul(self.bias_N, centred_MN, rows.scale[:, None] * self.w_scale_N)
+        return _dequantize(acc_MN, rows, Int8Terms(self.w_scale_N, self.colsum_N, self.bias_N))
 
     def _split_heads(self, acc_MN: torch.Tensor, rows: QuantizedRows, terms: tuple, batch: int, dtype: torch.dtype,
                      kernels) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hanlin.config import MoEConfig
+from hanlin.models import int8_experts
 from hanlin.models.layers import SwiGLU
 
 
@@ -121,8 +122,12 @@ class MoE(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)  # slot -> sorted position
         counts_E = torch.bincount(flat_ids, minlength=self.num_experts)[: self.num_experts]
         self.last_tokens_per_expert = counts_E
-        x_sorted = _Gather.apply(x_ND, order // k, inverse, k)
         active = [(expert_id, count) for expert_id, count in enumerate(counts_E.tolist()) if count]
+        if not dropped and int8_experts.computes_int8(self.experts, x_ND):
+            y_sorted = torch.cat(int8_experts.expert_outputs(self.experts, active, x_ND, order // k))
+            y_NKD = y_sorted.index_select(0, inverse).view(N, k, D)
+            return torch.bmm(weights_NK.unsqueeze(1), y_NKD).squeeze(1)
+        x_sorted = _Gather.apply(x_ND, order // k, inverse, k)
         # One split (not a slice per expert: each slice's backward would zero-fill a full-size gradient).
         pieces = x_sorted.split([count for _, count in active] + ([dropped] if dropped else []))
         outputs = [self.experts[expert_id](x_e) for (expert_id, _), x_e in zip(active, pieces)]

@@ -1,0 +1,39 @@
+"""MoE experts computed in int8 (the w8a8 scheme): each token's activations are quantized once, before they are
+gathered for its k experts, and each expert runs gate/up GEMM -> SwiGLU + quantize -> down GEMM in int8."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hanlin.models.int8_linear import QuantizedRows, int8_linear_rows, int8_swiglu_rows, quantize_rows
+from hanlin.models.layers import SwiGLU
+from hanlin.models.quantized import QuantLinear
+
+
+def computes_int8(experts: nn.ModuleList, x_ND: torch.Tensor) -> bool:
+    """Whether the experts are w8a8 layers and this input takes their int8 path (see QuantLinear.computes_int8)."""
+    first = experts[0]
+    return (
+        isinstance(first, SwiGLU) and isinstance(first.gate_up_proj, QuantLinear)
+        and isinstance(first.down_proj, QuantLinear) and first.gate_up_proj.computes_int8(x_ND)
+    )
+
+
+def expert_outputs(
+    experts: nn.ModuleList, active: list[tuple[int, int]], x_ND: torch.Tensor, token_of_sorted: torch.Tensor
+) -> list[torch.Tensor]:
+    """float32 outputs of each active (expert id, row count), in order, for the sorted slots."""
+    rows = quantize_rows(x_ND)
+    q_SD, scale_S, zero_S = (t.index_select(0, token_of_sorted) for t in rows)
+    outputs = []
+    start = 0
+    for expert_id, count in active:
+        expert = experts[expert_id]
+        end = start + count
+        gate_up, down = expert.gate_up_proj, expert.down_proj
+        rows = QuantizedRows(q_SD[start:end], scale_S[start:end], zero_S[start:end])
+        hidden = int8_swiglu_rows(rows, gate_up.qdata.t(), gate_up.int8_terms())
+        outputs.append(int8_linear_rows(hidden, down.qdata.t(), down.int8_terms()))
+        start = end
+    return outputs
