@@ -186,9 +186,23 @@ def test_moe_int8_experts_equal_each_expert_module(monkeypatch: pytest.MonkeyPat
     with torch.inference_mode():
         assert int8_experts.computes_int8(moe.experts, x[0])
         fused = moe(x)
+        copy.deepcopy(model)  # the compiled experts live beside the model, which still copies
         monkeypatch.setattr(int8_experts, "computes_int8", lambda experts, x: False)
         per_module = moe(x)  # each expert's QuantLinears: int8 too, with an fp32 SwiGLU between them
     torch.testing.assert_close(fused, per_module, rtol=2e-3, atol=2e-3)
+
+
+@needs_int8
+def test_compiled_experts_match_the_python_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(_config(MoEConfig(num_experts=8, top_k=3, expert_dim=40)), seed=6, std=0.2)
+    quantize_model(model, "w8a8")
+    moe = model.layers[1].mlp
+    x = torch.randn(1, 45, 64)
+    with torch.inference_mode():
+        compiled = moe(x)
+        monkeypatch.setattr(int8_experts, "cpu_kernels", lambda: None)
+        loop = moe(x)
+    torch.testing.assert_close(compiled, loop, rtol=1e-6, atol=1e-6)
 
 
 @needs_int8

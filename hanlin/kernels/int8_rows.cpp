@@ -159,6 +159,30 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows(const torc
   return {q, scale, zero};
 }
 
+namespace {
+
+// out[m, :] = the float result of row m of acc, plus residual row m when given (T: float or c10::BFloat16).
+template <typename T>
+void write_output(const int32_t* a, const Dequant& d, int64_t M, int64_t N, const T* residual, T* out) {
+  at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* acc_row = a + m * N;
+      const T* res_row = residual ? residual + m * N : nullptr;
+      T* out_row = out + m * N;
+      const __m256 s8 = _mm256_set1_ps(d.scale[m]), z8 = _mm256_set1_ps(d.zero[m]);
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) {
+        __m256 v = dequantize8(acc_row, d, s8, z8, n);
+        if (res_row) v = _mm256_add_ps(v, load8(res_row + n));
+        store8(out_row + n, v);
+      }
+      for (; n < N; ++n) out_row[n] = static_cast<T>(dequantize1(acc_row, d, m, n) + (res_row ? to_float(res_row[n]) : 0.0f));
+    }
+  });
+}
+
+}  // namespace
+
 // The float result of an int8 GEMM, plus `residual` when given; float32 or bfloat16 (out_bf16).
 torch::Tensor int8_linear_output(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
                                  const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias,
@@ -173,33 +197,21 @@ torch::Tensor int8_linear_output(const torch::Tensor& acc, const torch::Tensor& 
   }
   auto out = torch::empty({M, N}, acc.options().dtype(out_type));
   const int32_t* a = acc.data_ptr<int32_t>();
-  void* out_base = out.data_ptr();
-  const void* res_base = residual.defined() ? residual.data_ptr() : nullptr;
-  at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const int32_t* acc_row = a + m * N;
-      const __m256 s8 = _mm256_set1_ps(d.scale[m]), z8 = _mm256_set1_ps(d.zero[m]);
-      auto finish = [&](auto* out_row, const auto* res_row) {
-        int64_t n = 0;
-        for (; n + 8 <= N; n += 8) {
-          __m256 v = dequantize8(acc_row, d, s8, z8, n);
-          if (res_row) v = _mm256_add_ps(v, load8(res_row + n));
-          store8(out_row + n, v);
-        }
-        for (; n < N; ++n) {
-          const float v = dequantize1(acc_row, d, m, n) + (res_row ? to_float(res_row[n]) : 0.0f);
-          out_row[n] = static_cast<std::remove_pointer_t<decltype(out_row)>>(v);
-        }
-      };
-      if (out_bf16) {
-        finish(static_cast<c10::BFloat16*>(out_base) + m * N,
-               res_base ? static_cast<const c10::BFloat16*>(res_base) + m * N : nullptr);
-      } else {
-        finish(static_cast<float*>(out_base) + m * N, res_base ? static_cast<const float*>(res_base) + m * N : nullptr);
-      }
-    }
-  });
+  if (out_bf16) {
+    write_output(a, d, M, N, residual.defined() ? residual.data_ptr<c10::BFloat16>() : nullptr, out.data_ptr<c10::BFloat16>());
+  } else {
+    write_output(a, d, M, N, residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>());
+  }
   return out;
+}
+
+void int8_linear_output_into(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
+                             const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias,
+                             torch::Tensor& out) {
+  const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() == acc.numel(),
+              "out: contiguous float32 [M, N]");
+  write_output<float>(acc.data_ptr<int32_t>(), d, acc.size(0), acc.size(1), nullptr, out.data_ptr<float>());
 }
 
 // A fused query-key-value projection's result laid out for attention: acc [B * T, 3 * H * K] -> [3, B, H, T, K].

@@ -15,6 +15,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows(const torc
 torch::Tensor int8_linear_output(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
                                  const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias,
                                  const c10::optional<torch::Tensor>& residual, bool out_bf16);
+// The same, fp32 without residual, written into `out` (contiguous, acc's shape).
+void int8_linear_output_into(const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero,
+                             const torch::Tensor& w_scale, const torch::Tensor& colsum, const torch::Tensor& bias,
+                             torch::Tensor& out);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_swiglu_quantize(
     const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero, const torch::Tensor& w_scale,
     const torch::Tensor& colsum, const torch::Tensor& bias);

@@ -3,6 +3,7 @@
 
 #include "attention_softmax.h"
 #include "decode.h"
+#include "int8_experts.h"
 #include "int8_rows.h"
 #include "qlinear.h"
 
@@ -10,5 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_qlinear(m);
   hanlin::register_decode(m);
   hanlin::register_int8_rows(m);
+  hanlin::register_int8_experts(m);
   hanlin::register_attention_softmax(m);
 }

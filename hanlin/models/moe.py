@@ -124,7 +124,7 @@ class MoE(nn.Module):
         self.last_tokens_per_expert = counts_E
         active = [(expert_id, count) for expert_id, count in enumerate(counts_E.tolist()) if count]
         if not dropped and int8_experts.computes_int8(self.experts, x_ND):
-            y_sorted = torch.cat(int8_experts.expert_outputs(self.experts, active, x_ND, order // k))
+            y_sorted = int8_experts.expert_outputs(self.experts, active, x_ND, order // k)
             y_NKD = y_sorted.index_select(0, inverse).view(N, k, D)
             return torch.bmm(weights_NK.unsqueeze(1), y_NKD).squeeze(1)
         x_sorted = _Gather.apply(x_ND, order // k, inverse, k)
