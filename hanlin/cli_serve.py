@@ -28,6 +28,7 @@ def serve(
     max_num_seqs: Annotated[int, env_option("--max-num-seqs", env="MAX_NUM_SEQS", help="Sequences decoded together in one step.")] = 64,
     max_batched_tokens: Annotated[int, env_option("--max-batched-tokens", env="MAX_BATCHED_TOKENS", help="Tokens computed per engine step (prefill chunks share it with decodes).")] = 256,
     kv_cache_mb: Annotated[int, env_option("--kv-cache-mb", env="KV_CACHE_MB", help="Memory for the paged KV cache, in MiB.")] = 1024,
+    kv_cache_dtype: Annotated[str, env_option("--kv-cache-dtype", env="KV_CACHE_DTYPE", help="KV cache element type: auto (the model's), float32 or float16 (half the memory, as llama.cpp's f16 cache).")] = "auto",
     max_model_len: Annotated[int | None, env_option("--max-model-len", env="MAX_MODEL_LEN", help="Context length limit (default: the model's).")] = None,
     prefix_caching: Annotated[bool, env_option("--prefix-caching/--no-prefix-caching", env="PREFIX_CACHING", help="Reuse the KV cache of shared prompt prefixes.")] = True,
     threads: Annotated[int | None, env_option("--threads", env="THREADS", help="CPU threads for the model (default: all cores but one, which serves HTTP).")] = None,
@@ -45,7 +46,7 @@ def serve(
 
     options = EngineOptions.from_kwargs(
         model=model, device=device, quantize=quantize, max_num_seqs=max_num_seqs,
-        max_batched_tokens=max_batched_tokens, kv_cache_mb=kv_cache_mb, max_queued=max_queued,
+        max_batched_tokens=max_batched_tokens, kv_cache_mb=kv_cache_mb, kv_cache_dtype=kv_cache_dtype, max_queued=max_queued,
         max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
         threads=threads if threads is not None else max(1, (os.cpu_count() or 2) - 1),
     )

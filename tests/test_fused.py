@@ -11,6 +11,7 @@ from hanlin.config import ModelConfig, MoEConfig
 from hanlin.engine.engine import LLMEngine
 from hanlin.engine.options import EngineOptions
 from hanlin.engine.sampling import SamplingParams
+from hanlin.errors import HanlinError
 from hanlin.kernels import cpu_kernels
 from hanlin.models.quant_packing import F32_PANELS
 from hanlin.models.quantized import QuantLinear, quantize_model
@@ -38,15 +39,19 @@ VARIANTS = {
     "int4": dict(quantize="int4"),
     "int4-moe": dict(quantize="int4", moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32)),
     "w8a8": dict(quantize="w8a8"),
+    "kv-float16": dict(kv_cache_dtype="float16"),
+    "kv-float16-int8-gqa-window": dict(kv_cache_dtype="float16", quantize="int8", sliding_window=7),
     "w8a8-moe": dict(quantize="w8a8", moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48)),
 }
 
 
 def _generate(loaded: LoadedModel, prompts: list[list[int]], fused: bool, monkeypatch: pytest.MonkeyPatch,
-              panels: bool = True):
+              panels: bool = True, kv_cache_dtype: str = "auto"):
     monkeypatch.setenv("HANLIN_NO_FUSED", "0" if fused else "1")
     monkeypatch.setenv("HANLIN_NO_PANELS", "0" if panels else "1")
-    engine = LLMEngine(loaded, EngineOptions(block_size=4, max_batched_tokens=16, kv_cache_mb=8, max_model_len=512))
+    engine = LLMEngine(loaded, EngineOptions(block_size=4, max_batched_tokens=16, kv_cache_mb=8, max_model_len=512,
+                                             kv_cache_dtype=kv_cache_dtype))
+    assert engine.cache.k[0].dtype == (torch.float16 if kv_cache_dtype == "float16" else torch.float32)
     assert (engine.runner.fused is not None) == fused
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     for i, prompt in enumerate(prompts):
@@ -68,6 +73,7 @@ def test_fused_layers_give_the_modules_tokens_and_logprobs(variant: str, monkeyp
     fields = {**BASE, **VARIANTS[variant]}
     scheme = fields.pop("quantize", None)
     panels = fields.pop("panels", True)
+    kv_cache_dtype = fields.pop("kv_cache_dtype", "auto")
     config = ModelConfig(max_position_embeddings=512, **fields)
     model = tiny_model(config, seed=3, std=0.2)
     if scheme is not None:
@@ -76,9 +82,9 @@ def test_fused_layers_give_the_modules_tokens_and_logprobs(variant: str, monkeyp
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (1, 5, 17, 40, 9, 3)]
     # The modules first: the fused engine re-lays an fp32 model's linears in panels, in place.
-    plain_tokens, plain_logprobs = _generate(loaded, prompts, False, monkeypatch, panels)
+    plain_tokens, plain_logprobs = _generate(loaded, prompts, False, monkeypatch, panels, kv_cache_dtype)
     assert isinstance(model.layers[0].attn.qkv_proj, torch.nn.Linear) == (scheme is None)
-    fused_tokens, fused_logprobs = _generate(loaded, prompts, True, monkeypatch, panels)
+    fused_tokens, fused_logprobs = _generate(loaded, prompts, True, monkeypatch, panels, kv_cache_dtype)
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
     if scheme is None and panels:
         assert all(isinstance(m, QuantLinear) and m.kind == F32_PANELS for m in linears)
@@ -94,6 +100,26 @@ def test_fused_layers_give_the_modules_tokens_and_logprobs(variant: str, monkeyp
         torch.testing.assert_close(
             torch.tensor(fused_logprobs[key]), torch.tensor(plain_logprobs[key]), rtol=tolerance, atol=tolerance
         )
+
+
+def test_a_float16_kv_cache_holds_twice_the_tokens_and_keeps_greedy_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = ModelConfig(max_position_embeddings=512, **BASE)
+    loaded = LoadedModel(config, tiny_model(config, seed=3, std=0.2), word_tokenizer(96), "tiny")
+    generator = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (2, 23, 40, 11)]
+    full_tokens, full_logprobs = _generate(loaded, prompts, True, monkeypatch)
+    half_tokens, half_logprobs = _generate(loaded, prompts, True, monkeypatch, kv_cache_dtype="float16")
+    assert half_tokens == full_tokens
+    for key in full_logprobs:  # K/V rounded to 11 significant bits (relative 2^-11)
+        torch.testing.assert_close(torch.tensor(half_logprobs[key]), torch.tensor(full_logprobs[key]), rtol=1e-2, atol=1e-2)
+    blocks = {dtype: LLMEngine(loaded, EngineOptions(kv_cache_mb=8, kv_cache_dtype=dtype)).cache.num_blocks
+              for dtype in ("float32", "float16")}
+    assert blocks["float16"] in (2 * blocks["float32"], 2 * blocks["float32"] + 1)  # whole blocks per megabyte count
+
+
+def test_an_unknown_kv_cache_dtype_names_the_choices() -> None:
+    with pytest.raises(HanlinError, match="float16"):
+        EngineOptions(kv_cache_dtype="int4").validate()
 
 
 def test_odd_head_dim_falls_back_to_the_modules() -> None:

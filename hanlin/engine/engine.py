@@ -48,6 +48,8 @@ class LLMEngine:
         self.model = loaded.model.eval()
         self.model_name = options.model
         device, dtype = _device_and_dtype(self.model)
+        if options.kv_cache_dtype != "auto":
+            dtype = getattr(torch, options.kv_cache_dtype)
         num_blocks = options.kv_cache_blocks or PagedKVCache.num_blocks_for(
             self.config, options.kv_cache_mb, options.block_size, dtype
         )

@@ -95,8 +95,9 @@ class StepKV:
         self.chunks = chunks
 
     def write(self, kv_layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> None:
-        self.cache.k[kv_layer].index_copy_(0, self.slot_mapping_N, k_BHTD[0].transpose(0, 1))
-        self.cache.v[kv_layer].index_copy_(0, self.slot_mapping_N, v_BHTD[0].transpose(0, 1))
+        k_pool, v_pool = self.cache.k[kv_layer], self.cache.v[kv_layer]
+        k_pool.index_copy_(0, self.slot_mapping_N, k_BHTD[0].transpose(0, 1).to(k_pool.dtype))
+        v_pool.index_copy_(0, self.slot_mapping_N, v_BHTD[0].transpose(0, 1).to(v_pool.dtype))
 
     def attend(self, kv_layer: int, q_BHTD: torch.Tensor) -> torch.Tensor:
         """Attention output [1, H, N, D] for the packed queries."""
@@ -121,8 +122,8 @@ def _attention(
     mask_GQS: torch.Tensor | None, causal: bool,
 ) -> torch.Tensor:
     G, S = slots_GS.shape
-    k_GHSD = k_pool.index_select(0, slots_GS.flatten()).view(G, S, *k_pool.shape[1:]).transpose(1, 2)
-    v_GHSD = v_pool.index_select(0, slots_GS.flatten()).view(G, S, *v_pool.shape[1:]).transpose(1, 2)
+    k_GHSD = k_pool.index_select(0, slots_GS.flatten()).view(G, S, *k_pool.shape[1:]).transpose(1, 2).to(q_GHQD.dtype)
+    v_GHSD = v_pool.index_select(0, slots_GS.flatten()).view(G, S, *v_pool.shape[1:]).transpose(1, 2).to(q_GHQD.dtype)
     mask = None if mask_GQS is None else mask_GQS[:, None]
     return F.scaled_dot_product_attention(q_GHQD, k_GHSD, v_GHSD, attn_mask=mask, is_causal=causal, enable_gqa=True)
 

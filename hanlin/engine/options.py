@@ -11,6 +11,9 @@ QUANTIZE_SCHEMES = (None, "int8", "int4", "w8a8")
 QUANTIZE_HELP = "int8 (per channel), int4 (4-bit, group 32) or w8a8 (int8 weights, int8 activations for batches)"
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
+
+
 def check_quantize(quantize: str | None) -> None:
     """Raises HanlinError naming the valid choices for anything but None or one of the schemes."""
     if quantize not in QUANTIZE_SCHEMES:
@@ -25,6 +28,7 @@ class EngineOptions:
     block_size: int = 16  # tokens per KV block
     kv_cache_mb: int = 1024  # memory for the paged KV cache (allocated lazily by the OS as blocks are touched)
     kv_cache_blocks: int | None = None  # an exact block count instead of kv_cache_mb
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "float32" or "float16" (half the bytes, as llama.cpp's f16)
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_batched_tokens: int = 256  # tokens computed per step: prefill chunks share it with decodes
     max_queued: int = 256  # waiting requests before add_request refuses with QueueFullError
@@ -39,6 +43,8 @@ class EngineOptions:
         for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens"):
             if getattr(self, name) < 1:
                 raise HanlinError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise HanlinError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: use {', '.join(KV_CACHE_DTYPES)}")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise HanlinError(f"kv_cache_blocks must be >= 1, got {self.kv_cache_blocks}")
         if self.threads is not None and self.threads < 1:

@@ -60,24 +60,35 @@ Linear make_linear(int64_t kind, torch::Tensor qdata, torch::Tensor scales, torc
   return linear;
 }
 
-float dot(const float* a, const float* b, int64_t n) {
+// b: float, or c10::Half (a float16 KV cache)
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
   float total = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += a[i] * to_float(b[i]);
   return total;
 }
 
 // y += w * x
-void axpy(float w, const float* x, float* y, int64_t n) {
+template <typename T>
+void axpy(float w, const T* x, float* y, int64_t n) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += w * x[i];
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += w * to_float(x[i]);
+}
+
+// dst[0..n) = src, rounded to T
+template <typename T>
+void store_row(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 // out = weight * x / sqrt(mean(x^2) + eps), like models.layers.RMSNorm.
@@ -145,7 +156,8 @@ float softmax_in_place(float* s, int64_t n) {
 
 // o = scale * sum_p w[p - first] * v(p) for the paged value rows of positions first .. ctx (v: this head's column
 // in the pool). Head sizes up to 128 in multiples of 8 keep the sum in registers.
-void weighted_sum(const float* w, const float* v, const int32_t* table, int64_t first, int64_t ctx, int64_t bs,
+template <typename T>
+void weighted_sum(const float* w, const T* v, const int32_t* table, int64_t first, int64_t ctx, int64_t bs,
                   int64_t slot_stride, int64_t Dh, float scale, float* o) {
   auto row = [&](int64_t p) { return v + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride; };
   if (Dh % 8 == 0 && Dh <= 128) {
@@ -154,8 +166,8 @@ void weighted_sum(const float* w, const float* v, const int32_t* table, int64_t 
     for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t p = first; p < ctx; ++p) {
       const __m256 wp = _mm256_set1_ps(w[p - first]);
-      const float* vr = row(p);
-      for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+      const T* vr = row(p);
+      for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_fmadd_ps(wp, load8(vr + 8 * j), acc[j]);
     }
     const __m256 scale8 = _mm256_set1_ps(scale);
     for (int64_t j = 0; j < lanes; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], scale8));
@@ -166,13 +178,15 @@ void weighted_sum(const float* w, const float* v, const int32_t* table, int64_t 
 }
 
 // Attention for single-token queries over their paged context, reading K/V blocks in place.
+// T: the pools' element type (float, or c10::Half for a float16 KV cache).
+template <typename T>
 void decode_attention(const StepPlan& plan, const float* q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                       int64_t H, int64_t Hkv, int64_t Dh, float* out) {
   const int64_t G = plan.num_decode, rep = H / Hkv, bs = plan.block_size;
   const int64_t max_blocks = plan.block_tables.size(1);
   const int32_t* tables = plan.block_tables.data_ptr<int32_t>();
   const int32_t* lens = plan.context_lens.data_ptr<int32_t>();
-  const float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+  const T *kp = k_pool.data_ptr<T>(), *vp = v_pool.data_ptr<T>();
   const int64_t slot_stride = Hkv * Dh;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
   at::parallel_for(0, G * Hkv, 1, [&](int64_t w0, int64_t w1) {
@@ -184,7 +198,7 @@ void decode_attention(const StepPlan& plan, const float* q, const torch::Tensor&
       const int32_t* table = tables + g * max_blocks;
       scores.assign(static_cast<size_t>(rep * (ctx - first)), 0.0f);
       for (int64_t p = first; p < ctx; ++p) {
-        const float* k = kp + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + kvh * Dh;
+        const T* k = kp + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + kvh * Dh;
         for (int64_t r = 0; r < rep; ++r) {
           scores[r * (ctx - first) + (p - first)] = dot(q + (g * H + kvh * rep + r) * Dh, k, Dh) * scale;
         }
@@ -205,8 +219,8 @@ void chunk_attention(const StepPlan& plan, size_t c, const torch::Tensor& q_NHD,
   const int64_t start = plan.chunk_start[c], count = plan.chunk_count[c];
   const auto& slots = plan.chunk_slots[c];
   auto q = q_NHD.narrow(0, start, count).transpose(0, 1).unsqueeze(0);           // [1, H, Q, D]
-  auto k = k_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0);           // [1, Hkv, S, D]
-  auto v = v_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0);
+  auto k = k_pool.index_select(0, slots).to(torch::kFloat).transpose(0, 1).unsqueeze(0);  // [1, Hkv, S, D]
+  auto v = v_pool.index_select(0, slots).to(torch::kFloat).transpose(0, 1).unsqueeze(0);
   c10::optional<torch::Tensor> mask;
   if (plan.chunk_mask[c].has_value()) mask = plan.chunk_mask[c]->unsqueeze(1);  // [1, 1, Q, S]
   auto o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, plan.chunk_causal[c], c10::nullopt, true);
@@ -238,7 +252,13 @@ class FusedLayer {
     const auto& v_pool = plan.v_pools.at(kv_layer_);
     prepare_rows(qkv.data_ptr<float>(), width, plan, q_NHD.data_ptr<float>(), k_pool, v_pool, N, q_dim, kv_dim);
     auto out_NHD = torch::empty({N, H_, Dh_}, x_ND.options());
-    if (plan.num_decode > 0) decode_attention(plan, q_NHD.data_ptr<float>(), k_pool, v_pool, H_, Hkv_, Dh_, out_NHD.data_ptr<float>());
+    if (plan.num_decode > 0) {
+      if (k_pool.scalar_type() == torch::kHalf) {
+        decode_attention<c10::Half>(plan, q_NHD.data_ptr<float>(), k_pool, v_pool, H_, Hkv_, Dh_, out_NHD.data_ptr<float>());
+      } else {
+        decode_attention<float>(plan, q_NHD.data_ptr<float>(), k_pool, v_pool, H_, Hkv_, Dh_, out_NHD.data_ptr<float>());
+      }
+    }
     for (size_t c = 0; c < plan.chunk_start.size(); ++c) chunk_attention(plan, c, q_NHD, k_pool, v_pool, out_NHD);
     return o_(out_NHD.view({N, q_dim}), x_ND);
   }
@@ -280,13 +300,14 @@ class FusedLayer {
                     const torch::Tensor& v_pool, int64_t N, int64_t q_dim, int64_t kv_dim) const {
     const float *cos = plan.cos.data_ptr<float>(), *sin = plan.sin.data_ptr<float>();
     const int64_t* slots = plan.write_slots.data_ptr<int64_t>();
-    float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+    const bool half = k_pool.scalar_type() == torch::kHalf;  // a float16 KV cache: rows are rounded on the way in
     const float* qn = q_norm_ ? q_norm_->data_ptr<float>() : nullptr;
     const float* kn = k_norm_ ? k_norm_->data_ptr<float>() : nullptr;
     const float* head_qn = proj_norm_ ? nullptr : qn;
     const float* head_kn = proj_norm_ ? nullptr : kn;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       std::vector<float> normed(proj_norm_ ? q_dim + kv_dim : 0);
+      std::vector<float> k_row(kv_dim), v_row(kv_dim);
       for (int64_t n = n0; n < n1; ++n) {
         const float* row = qkv + n * width;
         const float* q = row;
@@ -300,10 +321,16 @@ class FusedLayer {
         const float *c = cos + n * Dh_, *s = sin + n * Dh_;
         for (int64_t h = 0; h < H_; ++h) head(q + h * Dh_, q_out + (n * H_ + h) * Dh_, head_qn, c, s);
         if (!owns_kv_) continue;
-        float* k_row = kp + slots[n] * kv_dim;
-        float* v_row = vp + slots[n] * kv_dim;
-        for (int64_t h = 0; h < Hkv_; ++h) head(k + h * Dh_, k_row + h * Dh_, head_kn, c, s);
+        for (int64_t h = 0; h < Hkv_; ++h) head(k + h * Dh_, k_row.data() + h * Dh_, head_kn, c, s);
         for (int64_t i = 0; i < kv_dim; ++i) v_row[i] = clipped(row[q_dim + kv_dim + i]);
+        const int64_t at = slots[n] * kv_dim;
+        if (half) {
+          store_row(k_row.data(), k_pool.data_ptr<c10::Half>() + at, kv_dim);
+          store_row(v_row.data(), v_pool.data_ptr<c10::Half>() + at, kv_dim);
+        } else {
+          store_row(k_row.data(), k_pool.data_ptr<float>() + at, kv_dim);
+          store_row(v_row.data(), v_pool.data_ptr<float>() + at, kv_dim);
+        }
       }
     });
   }

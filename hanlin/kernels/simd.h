@@ -1,7 +1,8 @@
-// AVX2 helpers shared by the compiled kernels: float32 / bfloat16 loads and stores of 8 lanes, exp, horizontal
+// AVX2 helpers shared by the compiled kernels: float32 / bfloat16 / float16 loads and stores of 8 lanes, exp, horizontal
 // sum / min / max.
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 namespace hanlin {
@@ -20,8 +21,13 @@ inline void store8(c10::BFloat16* p, __m256 v) {  // round to nearest even, like
   packed = _mm256_permute4x64_epi64(packed, 0x08);  // the two low 64-bit halves hold the 8 results
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
 // exp(x) for x <= ~88: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (relative error ~2e-7).
 inline __m256 exp8(__m256 x) {
