@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hanlin.kernels import cpu_kernels
-from hanlin.models.int8_linear import QuantizedRows, int8_linear_rows, int8_swiglu_rows, quantize_rows
+from hanlin.models.int8_linear import quantize_rows
 from hanlin.models.layers import SwiGLU
 from hanlin.models.quantized import QuantLinear
 
@@ -26,34 +26,22 @@ def computes_int8(experts: nn.ModuleList, x_ND: torch.Tensor) -> bool:
 def expert_outputs(
     experts: nn.ModuleList, active: list[tuple[int, int]], x_ND: torch.Tensor, token_of_sorted: torch.Tensor
 ) -> torch.Tensor:
-    """float32 [S, D]: the outputs of the sorted slots, each active (expert id, row count) in turn."""
-    rows = quantize_rows(x_ND)
-    q_SD, scale_S, zero_S = (t.index_select(0, token_of_sorted) for t in rows)
-    kernels = cpu_kernels()
-    if kernels is not None:
-        ids, counts = zip(*active)
-        return _compiled(experts, kernels).forward(q_SD, scale_S, zero_S, list(ids), list(counts))
-    outputs = []
-    start = 0
-    for expert_id, count in active:
-        gate_up, down = experts[expert_id].gate_up_proj, experts[expert_id].down_proj
-        end = start + count
-        rows = QuantizedRows(q_SD[start:end], scale_S[start:end], zero_S[start:end])
-        hidden = int8_swiglu_rows(rows, gate_up.qdata.t(), gate_up.int8_terms())
-        outputs.append(int8_linear_rows(hidden, down.qdata.t(), down.int8_terms()))
-        start = end
-    return torch.cat(outputs)
+    """float32 [S, D]: the outputs of the sorted slots, each active (expert id, row count) in turn, from one
+    compiled call (computes_int8 holds only where the kernels are built)."""
+    q_SD, scale_S, zero_S = (t.index_select(0, token_of_sorted) for t in quantize_rows(x_ND))
+    ids, counts = zip(*active)
+    return _compiled(experts).forward(q_SD, scale_S, zero_S, list(ids), list(counts))
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # expert list -> kernels.Int8Experts
 
 
-def _compiled(experts: nn.ModuleList, kernels):
+def _compiled(experts: nn.ModuleList):
     """The kernels' Int8Experts over these experts' tensors (shared, not copied), built once per expert list
     (kept beside the modules, not in them, so that the model still copies and pickles)."""
     compiled = _COMPILED.get(experts)
     if compiled is None:
-        compiled = kernels.Int8Experts([
+        compiled = cpu_kernels().Int8Experts([
             [e.gate_up_proj.qdata, *e.gate_up_proj.int8_terms(), e.down_proj.qdata, *e.down_proj.int8_terms()]
             for e in experts
         ])

@@ -97,17 +97,6 @@ def int8_linear_rows(rows: QuantizedRows, weight_KN: torch.Tensor, terms: Int8Te
     return _dequantize(acc_MN, rows, terms)
 
 
-def int8_swiglu_rows(rows: QuantizedRows, gate_up_KN: torch.Tensor, terms: Int8Terms) -> QuantizedRows:
-    """silu(gate) * up for a fused [2F, K] gate/up projection (gate rows first), quantized per row for the down
-    projection."""
-    acc_MN = int8_matmul(rows.q, gate_up_KN)
-    kernels = cpu_kernels() if acc_MN.device.type == "cpu" else None
-    if kernels is not None:
-        return QuantizedRows(*kernels.int8_linear_swiglu_quantize(acc_MN, rows.scale, rows.zero, *terms))
-    gate_MF, up_MF = _dequantize(acc_MN, rows, terms).chunk(2, dim=1)
-    return _quantize_rows_torch(F.silu(gate_MF) * up_MF)
-
-
 class Int8Linear(nn.Module):
     """y = x W^T + b with an int8 GEMM. forward(x, residual=None) adds `residual` to the result; with `gelu`
     ("none" = exact, or "tanh") it returns GELU(x W^T + b) as QuantizedRows, ready for the next Int8Linear;

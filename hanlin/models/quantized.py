@@ -60,9 +60,9 @@ class QuantLinear(nn.Module):
     def use_int8_activations(self) -> None:
         """The w8a8 scheme: each input row is quantized to int8 (its own scale and zero point) and multiplied
         with torch._int_mm over the transposed weight, at every batch size (one row's result never depends
-        on the others), where _int_mm is exact (int8_gemm_is_exact); elsewhere the layer stays weight-only.
-        Measured on 2 cores against qlinear's kernels: as fast at 1 row, 2-3x faster at 16 (oneDNN's VNNI
-        GEMM), 5-6x fp32's speed from 64 rows on."""
+        on the others), where _int_mm is exact (int8_gemm_is_exact) and the kernels are built; elsewhere the
+        layer stays weight-only. On 2 cores against qlinear's kernels: 2-3x faster from 16 rows (oneDNN's
+        VNNI GEMM), 5-6x fp32's speed from 64; slower for one row (batch-1 decode 107 vs 143 tok/s)."""
         if self.kind != Q8 or self.group != self.in_features:
             raise ValueError("int8 activations need an int8 weight with one scale per output channel")
         terms = int8_terms(self.qdata, self.scales, self.bias)
