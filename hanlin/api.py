@@ -44,7 +44,7 @@ def load(
     fp32); quantize="int4" as 4-bit with an fp16 scale and min per group of 32 inputs (~6x fewer). A GGUF
     file's Q4_0/Q4_1/Q8_0 (int4) or Q8_0 (int8) tensors are taken as stored, without a round trip through fp32.
     quantize="w8a8" loads fp32, smooths activation outliers into the weights, stores int8 per channel and
-    computes batches of 5 or more rows with int8 activations (hanlin.models.quantized.quantize_model).
+    computes with int8 activations at every batch size (hanlin.models.quantized.quantize_model).
     """
     from hanlin.checkpoints.gguf import load_gguf
     from hanlin.checkpoints.hf import load_hf_directory

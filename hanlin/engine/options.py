@@ -8,7 +8,7 @@ from hanlin.errors import HanlinError
 
 # Weight-only quantization at load (hanlin.load): None keeps fp32 (or the device's dtype).
 QUANTIZE_SCHEMES = (None, "int8", "int4", "w8a8")
-QUANTIZE_HELP = "int8 (per channel), int4 (4-bit, group 32) or w8a8 (int8 weights, int8 activations for batches)"
+QUANTIZE_HELP = "int8 (per channel), int4 (4-bit, group 32) or w8a8 (int8 weights and int8 activations)"
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16")

@@ -301,6 +301,7 @@ class FusedLayer {
     const float *cos = plan.cos.data_ptr<float>(), *sin = plan.sin.data_ptr<float>();
     const int64_t* slots = plan.write_slots.data_ptr<int64_t>();
     const bool half = k_pool.scalar_type() == torch::kHalf;  // a float16 KV cache: rows are rounded on the way in
+    void *kp = k_pool.data_ptr(), *vp = v_pool.data_ptr();
     const float* qn = q_norm_ ? q_norm_->data_ptr<float>() : nullptr;
     const float* kn = k_norm_ ? k_norm_->data_ptr<float>() : nullptr;
     const float* head_qn = proj_norm_ ? nullptr : qn;
@@ -325,11 +326,11 @@ class FusedLayer {
         for (int64_t i = 0; i < kv_dim; ++i) v_row[i] = clipped(row[q_dim + kv_dim + i]);
         const int64_t at = slots[n] * kv_dim;
         if (half) {
-          store_row(k_row.data(), k_pool.data_ptr<c10::Half>() + at, kv_dim);
-          store_row(v_row.data(), v_pool.data_ptr<c10::Half>() + at, kv_dim);
+          store_row(k_row.data(), static_cast<c10::Half*>(kp) + at, kv_dim);
+          store_row(v_row.data(), static_cast<c10::Half*>(vp) + at, kv_dim);
         } else {
-          store_row(k_row.data(), k_pool.data_ptr<float>() + at, kv_dim);
-          store_row(v_row.data(), v_pool.data_ptr<float>() + at, kv_dim);
+          store_row(k_row.data(), static_cast<float*>(kp) + at, kv_dim);
+          store_row(v_row.data(), static_cast<float*>(vp) + at, kv_dim);
         }
       }
     });

@@ -249,41 +249,61 @@ torch::Tensor int8_linear_qkv(const torch::Tensor& acc, const torch::Tensor& sca
   return out;
 }
 
-// GELU of an int8 GEMM's float result, quantized per row for the next int8 GEMM: (q, scale, zero).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_gelu_quantize(
-    const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero, const torch::Tensor& w_scale,
-    const torch::Tensor& colsum, const torch::Tensor& bias, bool tanh_approximation) {
-  const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
+namespace {
+
+// An activation of each row of an int8 GEMM's float result, quantized per row for the next int8 GEMM:
+// (q [M, width], scale, zero). act8(acc_row, s8, z8, n) gives the activated values of columns n .. n + 7 of the
+// output row, act1(acc_row, m, n) that of column n.
+template <typename Act8, typename Act1>
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> activate_and_quantize(const torch::Tensor& acc, const Dequant& d,
+                                                                             int64_t width, Act8 act8, Act1 act1) {
   const int64_t M = acc.size(0), N = acc.size(1);
-  auto q = torch::empty({M, N}, acc.options().dtype(torch::kInt8));
+  auto q = torch::empty({M, width}, acc.options().dtype(torch::kInt8));
   auto out_scale = torch::empty({M}, acc.options().dtype(torch::kFloat32));
   auto out_zero = torch::empty({M}, acc.options().dtype(torch::kFloat32));
   const int32_t* a = acc.data_ptr<int32_t>();
   int8_t* qp = q.data_ptr<int8_t>();
   float *s = out_scale.data_ptr<float>(), *z = out_zero.data_ptr<float>();
   at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(N);
+    std::vector<float> row(width);
     for (int64_t m = begin; m < end; ++m) {
       const int32_t* acc_row = a + m * N;
       const __m256 s8 = _mm256_set1_ps(d.scale[m]), z8 = _mm256_set1_ps(d.zero[m]);
       __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
       int64_t n = 0;
-      for (; n + 8 <= N; n += 8) {
-        const __m256 g = gelu8(dequantize8(acc_row, d, s8, z8, n), tanh_approximation);
-        _mm256_storeu_ps(row.data() + n, g);
-        lo8 = _mm256_min_ps(lo8, g);
-        hi8 = _mm256_max_ps(hi8, g);
+      for (; n + 8 <= width; n += 8) {
+        const __m256 y = act8(acc_row, s8, z8, n);
+        _mm256_storeu_ps(row.data() + n, y);
+        lo8 = _mm256_min_ps(lo8, y);
+        hi8 = _mm256_max_ps(hi8, y);
       }
       float lo = hmin(lo8), hi = hmax(hi8);
-      for (; n < N; ++n) {
-        row[n] = gelu1(dequantize1(acc_row, d, m, n), tanh_approximation);
+      for (; n < width; ++n) {
+        row[n] = act1(acc_row, m, n);
         lo = std::min(lo, row[n]);
         hi = std::max(hi, row[n]);
       }
-      std::tie(s[m], z[m]) = quantize_row_in_range(row.data(), N, lo, hi, qp + m * N);
+      std::tie(s[m], z[m]) = quantize_row_in_range(row.data(), width, lo, hi, qp + m * width);
     }
   });
   return {q, out_scale, out_zero};
+}
+
+}  // namespace
+
+// GELU of an int8 GEMM's float result, quantized per row for the next int8 GEMM: (q, scale, zero).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_gelu_quantize(
+    const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero, const torch::Tensor& w_scale,
+    const torch::Tensor& colsum, const torch::Tensor& bias, bool tanh_approximation) {
+  const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
+  return activate_and_quantize(
+      acc, d, acc.size(1),
+      [&](const int32_t* acc_row, __m256 s8, __m256 z8, int64_t n) {
+        return gelu8(dequantize8(acc_row, d, s8, z8, n), tanh_approximation);
+      },
+      [&](const int32_t* acc_row, int64_t m, int64_t n) {
+        return gelu1(dequantize1(acc_row, d, m, n), tanh_approximation);
+      });
 }
 
 // SwiGLU of an int8 GEMM's result acc [M, 2F] (gate columns 0..F, up columns F..2F): silu(gate) * up per row,
@@ -292,42 +312,20 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_swiglu_quant
     const torch::Tensor& acc, const torch::Tensor& scale, const torch::Tensor& zero, const torch::Tensor& w_scale,
     const torch::Tensor& colsum, const torch::Tensor& bias) {
   const Dequant d = checked_terms(acc, scale, zero, w_scale, colsum, bias);
-  const int64_t M = acc.size(0), N = acc.size(1);
-  TORCH_CHECK(N % 2 == 0, "int8_linear_swiglu_quantize: acc must have 2 * F columns (gate, then up)");
-  const int64_t F = N / 2;
-  auto q = torch::empty({M, F}, acc.options().dtype(torch::kInt8));
-  auto out_scale = torch::empty({M}, acc.options().dtype(torch::kFloat32));
-  auto out_zero = torch::empty({M}, acc.options().dtype(torch::kFloat32));
-  const int32_t* a = acc.data_ptr<int32_t>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float *s = out_scale.data_ptr<float>(), *z = out_zero.data_ptr<float>();
-  at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(F);
-    for (int64_t m = begin; m < end; ++m) {
-      const int32_t* acc_row = a + m * N;
-      const __m256 s8 = _mm256_set1_ps(d.scale[m]), z8 = _mm256_set1_ps(d.zero[m]);
-      __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
-      int64_t f = 0;
-      for (; f + 8 <= F; f += 8) {
+  TORCH_CHECK(acc.size(1) % 2 == 0, "int8_linear_swiglu_quantize: acc must have 2 * F columns (gate, then up)");
+  const int64_t F = acc.size(1) / 2;
+  return activate_and_quantize(
+      acc, d, F,
+      [&](const int32_t* acc_row, __m256 s8, __m256 z8, int64_t f) {
         const __m256 g = dequantize8(acc_row, d, s8, z8, f);
         const __m256 u = dequantize8(acc_row, d, s8, z8, F + f);
         const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(80.0f)));
-        const __m256 h = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
-        _mm256_storeu_ps(row.data() + f, h);
-        lo8 = _mm256_min_ps(lo8, h);
-        hi8 = _mm256_max_ps(hi8, h);
-      }
-      float lo = hmin(lo8), hi = hmax(hi8);
-      for (; f < F; ++f) {
+        return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+      },
+      [&](const int32_t* acc_row, int64_t m, int64_t f) {
         const float g = dequantize1(acc_row, d, m, f), u = dequantize1(acc_row, d, m, F + f);
-        row[f] = g / (1.0f + std::exp(std::min(-g, 80.0f))) * u;
-        lo = std::min(lo, row[f]);
-        hi = std::max(hi, row[f]);
-      }
-      std::tie(s[m], z[m]) = quantize_row_in_range(row.data(), F, lo, hi, qp + m * F);
-    }
-  });
-  return {q, out_scale, out_zero};
+        return g / (1.0f + std::exp(std::min(-g, 80.0f))) * u;
+      });
 }
 
 void register_int8_rows(pybind11::module& m) {
