@@ -30,6 +30,11 @@ VARIANTS = {
     "sliding-window": dict(sliding_window=7),
     "moe": dict(moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48)),
     "head-dim-96": dict(head_dim=96, num_heads=2, num_kv_heads=1),
+    # The decode kernels' specialised head sizes: 3 query heads per key head (SmolLM2's grouping), and 4 (three
+    # heads at a time, then one), both with a float16 cache.
+    "head-dim-64-group-3": dict(head_dim=64, num_heads=6, num_kv_heads=2, kv_cache_dtype="float16"),
+    "head-dim-128-group-4-window": dict(head_dim=128, num_heads=4, num_kv_heads=1, sliding_window=7,
+                                        kv_cache_dtype="float16"),
     # Outputs not a multiple of 16 (ragged last panels): qkv 50, gate_up 88, lm_head 101 (tied: the embedding
     # reads the lm_head's panels); odd inputs: o 30, down 44.
     "odd-widths-tied": dict(head_dim=10, num_heads=3, num_kv_heads=1, intermediate_size=44, vocab_size=101,

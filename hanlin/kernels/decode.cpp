@@ -177,6 +177,54 @@ void weighted_sum(const float* w, const T* v, const int32_t* table, int64_t firs
   for (int64_t p = first; p < ctx; ++p) axpy(w[p - first] * scale, row(p), o, Dh);
 }
 
+// scores[r * len + p - first] = scale * q_r . k(p) for the `rep` query heads q_r (consecutive, Dh = 8 * Lanes
+// each) that share one key head: each key row is read and converted once for all of them.
+template <typename T, int Lanes>
+void shared_key_scores(const float* q, const T* k, const int32_t* table, int64_t first, int64_t ctx, int64_t bs,
+                       int64_t slot_stride, int64_t rep, float scale, float* scores) {
+  static_assert(Lanes % 2 == 0, "two accumulators");
+  const int64_t len = ctx - first;
+  for (int64_t p = first; p < ctx; ++p) {
+    const T* kr = k + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride;
+    __m256 kv[Lanes];
+    for (int j = 0; j < Lanes; ++j) kv[j] = load8(kr + 8 * j);
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* qr = q + r * 8 * Lanes;
+      __m256 acc0 = _mm256_mul_ps(kv[0], _mm256_loadu_ps(qr)), acc1 = _mm256_mul_ps(kv[1], _mm256_loadu_ps(qr + 8));
+      for (int j = 2; j < Lanes; j += 2) {
+        acc0 = _mm256_fmadd_ps(kv[j], _mm256_loadu_ps(qr + 8 * j), acc0);
+        acc1 = _mm256_fmadd_ps(kv[j + 1], _mm256_loadu_ps(qr + 8 * j + 8), acc1);
+      }
+      scores[r * len + p - first] = hsum(_mm256_add_ps(acc0, acc1)) * scale;
+    }
+  }
+}
+
+// o_h = inv_total_h * sum_p w_h[p - first] * v(p) for H query heads sharing one value head (w_h at w + h * len,
+// o_h at o + h * Dh), 32 columns at a time: each value row is read and converted once for all H heads.
+template <typename T, int H>
+void shared_value_sums(const float* w, int64_t len, const T* v, const int32_t* table, int64_t first, int64_t ctx,
+                       int64_t bs, int64_t slot_stride, int64_t Dh, const float* inv_total, float* o) {
+  for (int64_t c = 0; c < Dh; c += 32) {
+    __m256 acc[H][4];
+    for (int h = 0; h < H; ++h)
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+    for (int64_t p = first; p < ctx; ++p) {
+      const T* vr = v + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + c;
+      __m256 wp[H];
+      for (int h = 0; h < H; ++h) wp[h] = _mm256_set1_ps(w[h * len + p - first]);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 vj = load8(vr + 8 * j);
+        for (int h = 0; h < H; ++h) acc[h][j] = _mm256_fmadd_ps(wp[h], vj, acc[h][j]);
+      }
+    }
+    for (int h = 0; h < H; ++h) {
+      const __m256 scale = _mm256_set1_ps(inv_total[h]);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + h * Dh + c + 8 * j, _mm256_mul_ps(acc[h][j], scale));
+    }
+  }
+}
+
 // Attention for single-token queries over their paged context, reading K/V blocks in place.
 // T: the pools' element type (float, or c10::Half for a float16 KV cache).
 template <typename T>
@@ -190,24 +238,42 @@ void decode_attention(const StepPlan& plan, const float* q, const torch::Tensor&
   const int64_t slot_stride = Hkv * Dh;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
   at::parallel_for(0, G * Hkv, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores;
+    std::vector<float> scores, inv_total(rep);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t g = w / Hkv, kvh = w % Hkv;
       const int64_t ctx = lens[g];
       const int64_t first = plan.window > 0 ? std::max<int64_t>(0, ctx - plan.window) : 0;
+      const int64_t len = ctx - first;
       const int32_t* table = tables + g * max_blocks;
-      scores.assign(static_cast<size_t>(rep * (ctx - first)), 0.0f);
-      for (int64_t p = first; p < ctx; ++p) {
-        const T* k = kp + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + kvh * Dh;
-        for (int64_t r = 0; r < rep; ++r) {
-          scores[r * (ctx - first) + (p - first)] = dot(q + (g * H + kvh * rep + r) * Dh, k, Dh) * scale;
+      const float* q_group = q + (g * H + kvh * rep) * Dh;  // the rep query heads of this key/value head
+      float* o_group = out + (g * H + kvh * rep) * Dh;
+      scores.resize(static_cast<size_t>(rep * len));
+      if (Dh == 64) {
+        shared_key_scores<T, 8>(q_group, kp + kvh * Dh, table, first, ctx, bs, slot_stride, rep, scale, scores.data());
+      } else if (Dh == 128) {
+        shared_key_scores<T, 16>(q_group, kp + kvh * Dh, table, first, ctx, bs, slot_stride, rep, scale, scores.data());
+      } else {
+        for (int64_t p = first; p < ctx; ++p) {
+          const T* k = kp + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + kvh * Dh;
+          for (int64_t r = 0; r < rep; ++r) scores[r * len + (p - first)] = dot(q_group + r * Dh, k, Dh) * scale;
         }
       }
-      const int64_t len = ctx - first;
-      for (int64_t r = 0; r < rep; ++r) {
-        float* o = out + (g * H + kvh * rep + r) * Dh;
-        const float inv_total = 1.0f / softmax_in_place(scores.data() + r * len, len);
-        weighted_sum(scores.data() + r * len, vp + kvh * Dh, table, first, ctx, bs, slot_stride, Dh, inv_total, o);
+      for (int64_t r = 0; r < rep; ++r) inv_total[r] = 1.0f / softmax_in_place(scores.data() + r * len, len);
+      if (Dh % 32 != 0) {
+        for (int64_t r = 0; r < rep; ++r) {
+          weighted_sum(scores.data() + r * len, vp + kvh * Dh, table, first, ctx, bs, slot_stride, Dh, inv_total[r],
+                       o_group + r * Dh);
+        }
+        continue;
+      }
+      for (int64_t r = 0; r < rep; r += 3) {  // three heads at a time: 12 accumulators
+        const float* wr = scores.data() + r * len;
+        const T* v = vp + kvh * Dh;
+        switch (std::min<int64_t>(3, rep - r)) {
+          case 3: shared_value_sums<T, 3>(wr, len, v, table, first, ctx, bs, slot_stride, Dh, &inv_total[r], o_group + r * Dh); break;
+          case 2: shared_value_sums<T, 2>(wr, len, v, table, first, ctx, bs, slot_stride, Dh, &inv_total[r], o_group + r * Dh); break;
+          default: shared_value_sums<T, 1>(wr, len, v, table, first, ctx, bs, slot_stride, Dh, &inv_total[r], o_group + r * Dh);
+        }
       }
     }
   });

@@ -3,6 +3,9 @@
 // instead of a dozen Python-level ops per expert.
 #include "int8_experts.h"
 
+#include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <vector>
 
 #include "int8_rows.h"
@@ -28,28 +31,50 @@ class Int8Experts {
   }
 
   // q [S, D] int8 with scale, zero [S]: the slots sorted by expert; ids[i] runs counts[i] consecutive slots.
+  // The experts, not the rows of one GEMM, are shared out among the threads: each thread claims the next
+  // expert (largest first) and runs its GEMMs alone. An expert has tens of rows in a prefill and one in a
+  // decode step, too few for oneDNN to split a GEMM across threads without waiting on them (at 512 tokens,
+  // 64 experts top-8, 2 threads: 217 -> 150 ms a forward). Every result is exact integer sums, so the
+  // schedule does not change the output.
   torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& zero,
                         const std::vector<int64_t>& ids, const std::vector<int64_t>& counts) const {
     TORCH_CHECK(ids.size() == counts.size(), "one count per expert id");
     const int64_t D = experts_.empty() ? 0 : experts_[0].down.size(0);
-    auto out = torch::empty({q.size(0), D}, q.options().dtype(torch::kFloat32));
-    int64_t start = 0;
-    for (size_t i = 0; i < ids.size(); ++i) {
+    const int64_t active = static_cast<int64_t>(ids.size());
+    std::vector<int64_t> starts(active);
+    int64_t total = 0;
+    for (int64_t i = 0; i < active; ++i) {
       TORCH_CHECK(ids[i] >= 0 && ids[i] < static_cast<int64_t>(experts_.size()), "expert id out of range");
-      const Int8Expert& e = experts_[ids[i]];
-      const int64_t count = counts[i];
-      TORCH_CHECK(count > 0 && start + count <= q.size(0), "counts must be positive and cover at most the slots");
-      auto acc = at::_int_mm(q.narrow(0, start, count), e.gate_up.t());
-      auto [hq, hs, hz] = int8_linear_swiglu_quantize(acc, scale.narrow(0, start, count), zero.narrow(0, start, count),
-                                                      e.gate_up_scale, e.gate_up_colsum, e.gate_up_bias);
-      auto rows = out.narrow(0, start, count);
-      int8_linear_output_into(at::_int_mm(hq, e.down.t()), hs, hz, e.down_scale, e.down_colsum, e.down_bias, rows);
-      start += count;
+      TORCH_CHECK(counts[i] > 0, "counts must be positive");
+      starts[i] = total;
+      total += counts[i];
     }
-    return out.narrow(0, 0, start);
+    TORCH_CHECK(total <= q.size(0), "the counts cover more slots than q has");
+    auto out = torch::empty({total, D}, q.options().dtype(torch::kFloat32));
+    std::vector<int64_t> largest_first(active);
+    std::iota(largest_first.begin(), largest_first.end(), 0);
+    std::stable_sort(largest_first.begin(), largest_first.end(),
+                     [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+    std::atomic<int64_t> next{0};
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), active);
+    at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+      for (int64_t claim = next++; claim < active; claim = next++) {
+        const int64_t i = largest_first[claim];
+        run_expert(experts_[ids[i]], q.narrow(0, starts[i], counts[i]), scale.narrow(0, starts[i], counts[i]),
+                   zero.narrow(0, starts[i], counts[i]), out.narrow(0, starts[i], counts[i]));
+      }
+    });
+    return out;
   }
 
  private:
+  static void run_expert(const Int8Expert& e, const torch::Tensor& q, const torch::Tensor& scale,
+                         const torch::Tensor& zero, torch::Tensor rows) {
+    auto [hq, hs, hz] = int8_linear_swiglu_quantize(at::_int_mm(q, e.gate_up.t()), scale, zero, e.gate_up_scale,
+                                                    e.gate_up_colsum, e.gate_up_bias);
+    int8_linear_output_into(at::_int_mm(hq, e.down.t()), hs, hz, e.down_scale, e.down_colsum, e.down_bias, rows);
+  }
+
   std::vector<Int8Expert> experts_;
 };
 

@@ -330,15 +330,16 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int8_linear_swiglu_quant
 
 void register_int8_rows(pybind11::module& m) {
   namespace py = pybind11;
-  m.def("quantize_rows", &quantize_rows, py::arg("x"));
+  using release = py::call_guard<py::gil_scoped_release>;  // the server's event loop runs meanwhile
+  m.def("quantize_rows", &quantize_rows, py::arg("x"), release());
   m.def("int8_linear_output", &int8_linear_output, py::arg("acc"), py::arg("scale"), py::arg("zero"),
-        py::arg("w_scale"), py::arg("colsum"), py::arg("bias"), py::arg("residual") = py::none(), py::arg("out_bf16") = false);
+        py::arg("w_scale"), py::arg("colsum"), py::arg("bias"), py::arg("residual") = py::none(), py::arg("out_bf16") = false, release());
   m.def("int8_linear_gelu_quantize", &int8_linear_gelu_quantize, py::arg("acc"), py::arg("scale"), py::arg("zero"),
-        py::arg("w_scale"), py::arg("colsum"), py::arg("bias"), py::arg("tanh_approximation") = false);
+        py::arg("w_scale"), py::arg("colsum"), py::arg("bias"), py::arg("tanh_approximation") = false, release());
   m.def("int8_linear_swiglu_quantize", &int8_linear_swiglu_quantize, py::arg("acc"), py::arg("scale"), py::arg("zero"),
-        py::arg("w_scale"), py::arg("colsum"), py::arg("bias"));
+        py::arg("w_scale"), py::arg("colsum"), py::arg("bias"), release());
   m.def("int8_linear_qkv", &int8_linear_qkv, py::arg("acc"), py::arg("scale"), py::arg("zero"), py::arg("w_scale"),
-        py::arg("colsum"), py::arg("bias"), py::arg("batch"), py::arg("heads"), py::arg("out_bf16") = false);
+        py::arg("colsum"), py::arg("bias"), py::arg("batch"), py::arg("heads"), py::arg("out_bf16") = false, release());
 }
 
 }  // namespace hanlin

@@ -716,7 +716,8 @@ torch::Tensor qlinear(const torch::Tensor& x, int64_t kind, const torch::Tensor&
 void register_qlinear(pybind11::module& m) {
   m.def("qlinear", &qlinear, "y = x @ W^T (+ bias) for an fp32, fp32 panels, int8 or 4-bit packed weight (see qlinear.h)",
         pybind11::arg("x"), pybind11::arg("kind"), pybind11::arg("qdata"), pybind11::arg("scales"),
-        pybind11::arg("mins"), pybind11::arg("group"), pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("mins"), pybind11::arg("group"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 }  // namespace hanlin

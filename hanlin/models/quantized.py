@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hanlin.kernels import cpu_kernels
-from hanlin.models.int8_linear import Int8Terms, int8_gemm_is_exact, int8_linear_rows, int8_terms, quantize_rows
+from hanlin.models.int8_linear import (
+    Int8Terms,
+    QuantizedRows,
+    int8_gemm_is_exact,
+    int8_linear_rows,
+    int8_terms,
+    quantize_rows,
+)
 from hanlin.models.quant_packing import (
     F32_PANELS,
     PANEL,
@@ -28,6 +35,7 @@ __all__ = ["F32_PANELS", "Q4", "Q8", "SCHEMES", "QuantEmbedding", "QuantLinear",
 
 KIND_NAMES = {Q8: "int8", Q4: "4-bit", F32_PANELS: "fp32 panels"}
 FALLBACK_CHUNK_BYTES = 8 << 20  # fp32 weight rows dequantized at once by the pure-PyTorch path
+DECODE_ROWS = 4  # qlinear.cpp kFusedMaxRows: up to this many rows, qlinear quantizes them per 32 (decode)
 
 
 def _fp32_weight(layer: "QuantLinear | QuantEmbedding") -> torch.Tensor:
@@ -54,21 +62,27 @@ class QuantLinear(nn.Module):
         self.register_buffer("mins", packed.mins.to(torch.float16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self.int8_activations = False
+        self.int8_two_pass = False
         if self.kind == F32_PANELS:
             _state_dict_holds_the_weight(self)
 
-    def use_int8_activations(self) -> None:
+    def use_int8_activations(self, *, two_pass: bool = False) -> None:
         """The w8a8 scheme: each input row is quantized to int8 (its own scale and zero point) and multiplied
         with torch._int_mm over the transposed weight, at every batch size (one row's result never depends
         on the others), where _int_mm is exact (int8_gemm_is_exact) and the kernels are built; elsewhere the
         layer stays weight-only. On 2 cores against qlinear's kernels: 2-3x faster from 16 rows (oneDNN's
-        VNNI GEMM), 5-6x fp32's speed from 64; slower for one row (batch-1 decode 107 vs 143 tok/s)."""
+        VNNI GEMM), 5-6x fp32's speed from 64; slower for one row (batch-1 decode 107 vs 143 tok/s).
+
+        two_pass, for an input that could not be smoothed (a tied lm_head's): each row is quantized a second
+        time, its rounding error this time, and both go through the one GEMM, ~16-bit activations for twice
+        the rows. Batches of at most DECODE_ROWS rows then stay on qlinear's decode kernel, faster there."""
         if self.kind != Q8 or self.group != self.in_features:
             raise ValueError("int8 activations need an int8 weight with one scale per output channel")
-        terms = int8_terms(self.qdata, self.scales, self.bias)
+        terms = int8_terms(self.qdata, self.scales, None if two_pass else self.bias)
         for name, value in zip(Int8Terms._fields, terms):
             self.register_buffer(f"int8_{name}", value, persistent=False)
         self.int8_activations = True
+        self.int8_two_pass = two_pass
 
     def int8_terms(self) -> Int8Terms:
         return Int8Terms(*(getattr(self, f"int8_{name}") for name in Int8Terms._fields))
@@ -78,7 +92,18 @@ class QuantLinear(nn.Module):
         return (
             self.int8_activations and x_NK.dtype == torch.float32 and x_NK.device.type == "cpu"
             and not x_NK.requires_grad and cpu_kernels() is not None and int8_gemm_is_exact()
+            and not (self.int8_two_pass and x_NK.shape[0] <= DECODE_ROWS)
         )
+
+    def _int8_linear(self, x_NK: torch.Tensor) -> torch.Tensor:
+        rows = quantize_rows(x_NK)
+        if not self.int8_two_pass:
+            return int8_linear_rows(rows, self.qdata.t(), self.int8_terms())
+        error_NK = x_NK - (rows.q.float() - rows.zero[:, None]) * rows.scale[:, None]
+        both = QuantizedRows(*(torch.cat(pair) for pair in zip(rows, quantize_rows(error_NK))))
+        y_2NM = int8_linear_rows(both, self.qdata.t(), self.int8_terms())
+        y_NM = y_2NM[: len(x_NK)].add_(y_2NM[len(x_NK):])
+        return y_NM if self.bias is None else y_NM.add_(self.bias)
 
     @classmethod
     def int8(cls, linear: nn.Linear) -> "QuantLinear":
@@ -108,7 +133,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_NK = x.reshape(-1, self.in_features)
         if self.computes_int8(x_NK):
-            y = int8_linear_rows(quantize_rows(x_NK), self.qdata.t(), self.int8_terms())
+            y = self._int8_linear(x_NK)
             return y.view(*x.shape[:-1], self.out_features)
         use_kernel = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
         kernels = cpu_kernels() if use_kernel and self.qdata.device.type == "cpu" else None
@@ -136,6 +161,7 @@ class QuantLinear(nn.Module):
             return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]}"
         grouping = "per channel" if self.group == self.in_features else f"group {self.group}"
         activations = ", int8 activations" if self.int8_activations else ""
+        activations += " in two passes" if self.int8_two_pass else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]} {grouping}{activations}"
 
 
@@ -222,9 +248,9 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, *, min_out_fe
     them to 4 bits too costs ~+7% perplexity instead of ~+1% (bench/perplexity.py).
 
     "w8a8" (a hanlin Transformer with fp32 weights) first smooths the activations into the weights
-    (hanlin.models.smoothing), then stores int8 per channel as "int8" does and computes batches in int8
-    (QuantLinear.use_int8_activations): every linear but a tied lm_head, whose input cannot be smoothed
-    without changing the embedding (on the embedded model its int8 activations cost +0.5% perplexity)."""
+    (hanlin.models.smoothing), then stores int8 per channel as "int8" does and computes in int8
+    (QuantLinear.use_int8_activations). A tied lm_head's input cannot be smoothed without changing the embedding
+    (on the embedded model, one int8 pass there costs +0.47% perplexity): it takes two passes (+0.00%)."""
     if scheme not in QUANTIZE_SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r} (use {' or '.join(QUANTIZE_SCHEMES)})")
     if scheme == "w8a8":
@@ -258,8 +284,8 @@ def _quantize_w8a8(model: nn.Module, min_out_features: int) -> int:
     smooth_activations(model)
     replaced = quantize_model(model, "int8", min_out_features=min_out_features)
     for module in model.modules():
-        if isinstance(module, QuantLinear) and module.kind == Q8 and not (tied and module is model.lm_head):
-            module.use_int8_activations()
+        if isinstance(module, QuantLinear) and module.kind == Q8:
+            module.use_int8_activations(two_pass=tied and module is model.lm_head)
     return replaced
 
 
