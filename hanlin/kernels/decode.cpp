@@ -154,12 +154,18 @@ float softmax_in_place(float* s, int64_t n) {
   return total;
 }
 
+// Position p's row in a paged pool column (col: the pool's base plus a head's offset; slot_stride: elements per slot).
+template <typename T>
+inline const T* paged_row(const T* col, const int32_t* table, int64_t p, int64_t bs, int64_t slot_stride) {
+  return col + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride;
+}
+
 // o = scale * sum_p w[p - first] * v(p) for the paged value rows of positions first .. ctx (v: this head's column
 // in the pool). Head sizes up to 128 in multiples of 8 keep the sum in registers.
 template <typename T>
 void weighted_sum(const float* w, const T* v, const int32_t* table, int64_t first, int64_t ctx, int64_t bs,
                   int64_t slot_stride, int64_t Dh, float scale, float* o) {
-  auto row = [&](int64_t p) { return v + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride; };
+  auto row = [&](int64_t p) { return paged_row(v, table, p, bs, slot_stride); };
   if (Dh % 8 == 0 && Dh <= 128) {
     __m256 acc[16];
     const int64_t lanes = Dh / 8;
@@ -185,7 +191,7 @@ void shared_key_scores(const float* q, const T* k, const int32_t* table, int64_t
   static_assert(Lanes % 2 == 0, "two accumulators");
   const int64_t len = ctx - first;
   for (int64_t p = first; p < ctx; ++p) {
-    const T* kr = k + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride;
+    const T* kr = paged_row(k, table, p, bs, slot_stride);
     __m256 kv[Lanes];
     for (int j = 0; j < Lanes; ++j) kv[j] = load8(kr + 8 * j);
     for (int64_t r = 0; r < rep; ++r) {
@@ -210,7 +216,7 @@ void shared_value_sums(const float* w, int64_t len, const T* v, const int32_t* t
     for (int h = 0; h < H; ++h)
       for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
     for (int64_t p = first; p < ctx; ++p) {
-      const T* vr = v + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + c;
+      const T* vr = paged_row(v, table, p, bs, slot_stride) + c;
       __m256 wp[H];
       for (int h = 0; h < H; ++h) wp[h] = _mm256_set1_ps(w[h * len + p - first]);
       for (int j = 0; j < 4; ++j) {
@@ -254,7 +260,7 @@ void decode_attention(const StepPlan& plan, const float* q, const torch::Tensor&
         shared_key_scores<T, 16>(q_group, kp + kvh * Dh, table, first, ctx, bs, slot_stride, rep, scale, scores.data());
       } else {
         for (int64_t p = first; p < ctx; ++p) {
-          const T* k = kp + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride + kvh * Dh;
+          const T* k = paged_row(kp + kvh * Dh, table, p, bs, slot_stride);
           for (int64_t r = 0; r < rep; ++r) scores[r * len + (p - first)] = dot(q_group + r * Dh, k, Dh) * scale;
         }
       }

@@ -125,15 +125,14 @@ class MoE(nn.Module):
         active = [(expert_id, count) for expert_id, count in enumerate(counts_E.tolist()) if count]
         if not dropped and int8_experts.computes_int8(self.experts, x_ND):
             y_sorted = int8_experts.expert_outputs(self.experts, active, x_ND, order // k)
-            y_NKD = y_sorted.index_select(0, inverse).view(N, k, D)
-            return torch.bmm(weights_NK.unsqueeze(1), y_NKD).squeeze(1)
-        x_sorted = _Gather.apply(x_ND, order // k, inverse, k)
-        # One split (not a slice per expert: each slice's backward would zero-fill a full-size gradient).
-        pieces = x_sorted.split([count for _, count in active] + ([dropped] if dropped else []))
-        outputs = [self.experts[expert_id](x_e) for (expert_id, _), x_e in zip(active, pieces)]
-        if dropped:
-            outputs.append(x_sorted.new_zeros(dropped, D))
-        y_sorted = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        else:
+            x_sorted = _Gather.apply(x_ND, order // k, inverse, k)
+            # One split (not a slice per expert: each slice's backward would zero-fill a full-size gradient).
+            pieces = x_sorted.split([count for _, count in active] + ([dropped] if dropped else []))
+            outputs = [self.experts[expert_id](x_e) for (expert_id, _), x_e in zip(active, pieces)]
+            if dropped:
+                outputs.append(x_sorted.new_zeros(dropped, D))
+            y_sorted = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         y_NKD = _Permute.apply(y_sorted, inverse, order).view(N, k, D)
         return torch.bmm(weights_NK.unsqueeze(1), y_NKD).squeeze(1)
 

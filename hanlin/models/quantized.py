@@ -78,7 +78,7 @@ class QuantLinear(nn.Module):
         the rows. Batches of at most DECODE_ROWS rows then stay on qlinear's decode kernel, faster there."""
         if self.kind != Q8 or self.group != self.in_features:
             raise ValueError("int8 activations need an int8 weight with one scale per output channel")
-        terms = int8_terms(self.qdata, self.scales, None if two_pass else self.bias)
+        terms = int8_terms(self.qdata, self.scales, self.bias)
         for name, value in zip(Int8Terms._fields, terms):
             self.register_buffer(f"int8_{name}", value, persistent=False)
         self.int8_activations = True
@@ -103,7 +103,7 @@ class QuantLinear(nn.Module):
         both = QuantizedRows(*(torch.cat(pair) for pair in zip(rows, quantize_rows(error_NK))))
         y_2NM = int8_linear_rows(both, self.qdata.t(), self.int8_terms())
         y_NM = y_2NM[: len(x_NK)].add_(y_2NM[len(x_NK):])
-        return y_NM if self.bias is None else y_NM.add_(self.bias)
+        return y_NM if self.bias is None else y_NM.sub_(self.bias)  # each half added the bias
 
     @classmethod
     def int8(cls, linear: nn.Linear) -> "QuantLinear":
