@@ -39,10 +39,12 @@ def _linear(kernels, module: nn.Module):
         empty = torch.empty(0)
         return kernels.Linear(F32, module.weight.detach(), empty, empty, 0, None if module.bias is None else module.bias.detach())
     # hanlin.models.quantized.QuantLinear (int8, 4-bit or fp32 panels): its packed weight as qlinear.h defines it;
-    # a w8a8 layer also passes what its int8 GEMM's output needs (int8_rows.h).
+    # a w8a8 layer also passes what its int8 GEMM's output needs (int8_rows.h) and its VNNI-laid weight, if any.
     bias = None if module.bias is None else module.bias.detach()
-    int8_terms = list(module.int8_terms()) if module.int8_activations and int8_gemm_is_exact() else None
-    return kernels.Linear(module.kind, module.qdata, module.scales, module.mins, module.group, bias, int8_terms)
+    int8 = module.int8_activations and int8_gemm_is_exact()
+    int8_terms = list(module.int8_terms()) if int8 else None
+    vnni = module.int8_vnni if int8 else None
+    return kernels.Linear(module.kind, module.qdata, module.scales, module.mins, module.group, bias, int8_terms, vnni)
 
 
 class FusedModel:

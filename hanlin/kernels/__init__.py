@@ -21,7 +21,8 @@ def _cpu_has_avx2_fma() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
-SOURCES = ("module.cpp", "qlinear.cpp", "decode.cpp", "int8_rows.cpp", "int8_experts.cpp", "attention_softmax.cpp")
+SOURCES = ("module.cpp", "qlinear.cpp", "decode.cpp", "int8_rows.cpp", "int8_experts.cpp", "attention_softmax.cpp",
+           "vnni_gemm.cpp")
 
 
 @functools.cache

@@ -16,6 +16,7 @@
 #include "int8_rows.h"
 #include "qlinear.h"
 #include "simd.h"
+#include "vnni_gemm.h"
 
 namespace hanlin {
 namespace {
@@ -23,7 +24,8 @@ namespace {
 using QuantizedRows = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;  // int8 q, scale, zero per row
 
 // A packed weight (qlinear.h). With int8 terms (w8a8: an int8 weight per channel, see int8_rows.h) each input row
-// is quantized and multiplied in int8 by at::_int_mm over the transposed weight.
+// is quantized and multiplied in int8: by the VNNI kernel over a second, VNNI-laid copy of the weight for decode-sized
+// inputs where the CPU has it (vnni_gemm.h), by at::_int_mm over the transposed weight otherwise.
 struct Linear {
   int64_t kind = kF32;
   torch::Tensor qdata, scales, mins;
@@ -31,6 +33,7 @@ struct Linear {
   c10::optional<torch::Tensor> bias;
   bool int8 = false;
   torch::Tensor w_scale, colsum, bias_n;  // float32 [N] each, for int8
+  std::shared_ptr<VnniWeight> vnni;       // int8 with AVX512-VNNI: the layer's own (QuantLinear.int8_vnni)
 
   torch::Tensor operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual = c10::nullopt) const {
     if (int8) return int8_output(quantize_rows(x), residual);
@@ -39,7 +42,7 @@ struct Linear {
     return y;
   }
 
-  at::Tensor int8_product(const QuantizedRows& rows) const { return at::_int_mm(std::get<0>(rows), qdata.t()); }
+  at::Tensor int8_product(const QuantizedRows& rows) const { return int8_mm(std::get<0>(rows), qdata, vnni.get()); }
 
   torch::Tensor int8_output(const QuantizedRows& rows, const c10::optional<torch::Tensor>& residual) const {
     return int8_linear_output(int8_product(rows), std::get<1>(rows), std::get<2>(rows), w_scale, colsum, bias_n,
@@ -48,7 +51,8 @@ struct Linear {
 };
 
 Linear make_linear(int64_t kind, torch::Tensor qdata, torch::Tensor scales, torch::Tensor mins, int64_t group,
-                   c10::optional<torch::Tensor> bias, c10::optional<std::vector<torch::Tensor>> int8_terms) {
+                   c10::optional<torch::Tensor> bias, c10::optional<std::vector<torch::Tensor>> int8_terms,
+                   std::shared_ptr<VnniWeight> vnni) {
   Linear linear{kind, std::move(qdata), std::move(scales), std::move(mins), group, std::move(bias)};
   if (int8_terms) {
     TORCH_CHECK(linear.kind == kQ8 && int8_terms->size() == 3, "int8 terms: (w_scale, colsum, bias) of an int8 weight");
@@ -56,6 +60,7 @@ Linear make_linear(int64_t kind, torch::Tensor qdata, torch::Tensor scales, torc
     linear.w_scale = (*int8_terms)[0];
     linear.colsum = (*int8_terms)[1];
     linear.bias_n = (*int8_terms)[2];
+    linear.vnni = std::move(vnni);
   }
   return linear;
 }
@@ -436,7 +441,8 @@ void register_decode(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<Linear>(m, "Linear")
       .def(py::init(&make_linear), py::arg("kind"), py::arg("qdata"), py::arg("scales"), py::arg("mins"),
-           py::arg("group"), py::arg("bias") = py::none(), py::arg("int8_terms") = py::none())
+           py::arg("group"), py::arg("bias") = py::none(), py::arg("int8_terms") = py::none(),
+           py::arg("vnni") = py::none())
       .def("__call__", [](const Linear& linear, const torch::Tensor& x) { return linear(x); });
   py::class_<StepPlan>(m, "StepPlan")
       .def(py::init<>())

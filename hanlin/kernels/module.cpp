@@ -6,6 +6,7 @@
 #include "int8_experts.h"
 #include "int8_rows.h"
 #include "qlinear.h"
+#include "vnni_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_qlinear(m);
@@ -13,4 +14,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_int8_rows(m);
   hanlin::register_int8_experts(m);
   hanlin::register_attention_softmax(m);
+  hanlin::register_vnni_gemm(m);
 }

@@ -3,7 +3,8 @@
 A row x is held as int8 q with a scale s and an integer zero point z (x ~= s * (q - z)); its range
 [min(x, 0), max(x, 0)] maps onto -128..127, so a row that is mostly positive (GELU outputs) keeps all 256
 levels. torch._int_mm multiplies q by the int8 weight in int32 (AVX512-VNNI / AMX through oneDNN; where it is
-not exact, fp32 products stand in: int8_gemm_is_exact); the compiled
+not exact, fp32 products stand in: int8_gemm_is_exact), or for decode-sized batches the kernels' VNNI GEMM over
+a VNNI-laid copy of the weight (vnni_weight); the compiled
 kernels (hanlin/kernels/int8_rows.cpp) quantize the rows and turn the int32 result into floats with the bias, a
 residual or GELU + quantization for the next layer fused in, one pass each. Without them the same math runs in
 PyTorch ops.
@@ -87,10 +88,22 @@ def _dequantize(acc_MN: torch.Tensor, rows: QuantizedRows, terms: Int8Terms) -> 
     return torch.addcmul(terms.bias, centred_MN, rows.scale[:, None] * terms.w_scale)
 
 
-def int8_linear_rows(rows: QuantizedRows, weight_KN: torch.Tensor, terms: Int8Terms) -> torch.Tensor:
-    """float32 [M, N] = x W^T + b for quantized rows of x and an int8 weight given as [K, N] (a transposed view
-    of [N, K] works too)."""
-    acc_MN = int8_matmul(rows.q, weight_KN)
+def vnni_weight(q_NK: torch.Tensor):
+    """The compiled kernels' VNNI-laid copy of an int8 weight [N, K] (hanlin/kernels/vnni_gemm.h), for
+    int8_linear_rows; None where the CPU has no AVX512-VNNI, the kernels are not built or _int_mm is inexact."""
+    kernels = cpu_kernels()
+    if kernels is None or q_NK.device.type != "cpu" or not kernels.cpu_has_vnni() or not int8_gemm_is_exact():
+        return None
+    return kernels.VnniWeight(q_NK)
+
+
+def int8_linear_rows(rows: QuantizedRows, weight_NK: torch.Tensor, terms: Int8Terms, vnni=None) -> torch.Tensor:
+    """float32 [M, N] = x W^T + b for quantized rows of x and an int8 weight [N, K]; with its vnni_weight, a
+    decode-sized batch is multiplied by the VNNI kernel."""
+    if vnni is not None:
+        acc_MN = cpu_kernels().int8_mm(rows.q, weight_NK, vnni)
+    else:
+        acc_MN = int8_matmul(rows.q, weight_NK.t())
     kernels = cpu_kernels() if acc_MN.device.type == "cpu" else None
     if kernels is not None:
         return kernels.int8_linear_output(acc_MN, rows.scale, rows.zero, *terms, None, False)
