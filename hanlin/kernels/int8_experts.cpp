@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "int8_rows.h"
@@ -14,8 +15,9 @@
 namespace hanlin {
 namespace {
 
-// One expert's two int8 weights [N, K], the terms of their outputs (int8_rows.h) and, on a CPU with AVX512-VNNI,
-// their VNNI-laid copies (vnni_gemm.h: an expert's weights are cold, and its tens of rows multiply faster there).
+// One expert's two int8 weights [N, K], the terms of their outputs (int8_rows.h) and, where its QuantLinears have
+// them, their VNNI-laid copies (vnni_gemm.h: an expert's weights are cold, and its tens of rows multiply faster
+// there), shared with those layers, not copied.
 struct Int8Expert {
   torch::Tensor gate_up, gate_up_scale, gate_up_colsum, gate_up_bias;
   torch::Tensor down, down_scale, down_colsum, down_bias;
@@ -24,16 +26,16 @@ struct Int8Expert {
 
 class Int8Experts {
  public:
-  explicit Int8Experts(const std::vector<std::vector<torch::Tensor>>& experts) {
-    for (const auto& t : experts) {
+  // vnni: each expert's (gate_up, down) VnniWeights, None where a layer has none.
+  Int8Experts(const std::vector<std::vector<torch::Tensor>>& experts,
+              const std::vector<std::pair<std::shared_ptr<VnniWeight>, std::shared_ptr<VnniWeight>>>& vnni) {
+    TORCH_CHECK(vnni.size() == experts.size(), "one (gate_up, down) VNNI pair per expert");
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const auto& t = experts[i];
       TORCH_CHECK(t.size() == 8, "each expert: gate_up, its w_scale, colsum, bias; down, its w_scale, colsum, bias");
       TORCH_CHECK(t[0].scalar_type() == torch::kInt8 && t[4].scalar_type() == torch::kInt8, "int8 expert weights");
       TORCH_CHECK(t[0].size(0) == 2 * t[4].size(1), "gate_up must have 2 * the down projection's inputs");
-      experts_.push_back(Int8Expert{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], nullptr, nullptr});
-      if (cpu_has_vnni()) {
-        experts_.back().gate_up_vnni = std::make_shared<VnniWeight>(t[0]);
-        experts_.back().down_vnni = std::make_shared<VnniWeight>(t[4]);
-      }
+      experts_.push_back(Int8Expert{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], vnni[i].first, vnni[i].second});
     }
   }
 
@@ -91,7 +93,9 @@ class Int8Experts {
 void register_int8_experts(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<Int8Experts>(m, "Int8Experts")
-      .def(py::init<const std::vector<std::vector<torch::Tensor>>&>(), py::arg("experts"))
+      .def(py::init<const std::vector<std::vector<torch::Tensor>>&,
+                    const std::vector<std::pair<std::shared_ptr<VnniWeight>, std::shared_ptr<VnniWeight>>>&>(),
+           py::arg("experts"), py::arg("vnni"))
       .def("forward", &Int8Experts::forward, py::arg("q"), py::arg("scale"), py::arg("zero"), py::arg("ids"),
            py::arg("counts"), py::call_guard<py::gil_scoped_release>());
 }

@@ -41,9 +41,10 @@ def _compiled(experts: nn.ModuleList):
     (kept beside the modules, not in them, so that the model still copies and pickles)."""
     compiled = _COMPILED.get(experts)
     if compiled is None:
-        compiled = cpu_kernels().Int8Experts([
-            [e.gate_up_proj.qdata, *e.gate_up_proj.int8_terms(), e.down_proj.qdata, *e.down_proj.int8_terms()]
-            for e in experts
-        ])
+        compiled = cpu_kernels().Int8Experts(
+            [[e.gate_up_proj.qdata, *e.gate_up_proj.int8_terms(), e.down_proj.qdata, *e.down_proj.int8_terms()]
+             for e in experts],
+            [(e.gate_up_proj.int8_vnni, e.down_proj.int8_vnni) for e in experts],
+        )
         _COMPILED[experts] = compiled
     return compiled
