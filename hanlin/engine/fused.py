@@ -72,6 +72,7 @@ class FusedModel:
                 gate_up=_linear(kernels, block.mlp.gate_up_proj) if dense else None,
                 down=_linear(kernels, block.mlp.down_proj) if dense else None,
             ))
+        self.all_fused = all(layer.has_mlp for layer in self.layers)  # no Mixture-of-Experts layer in Python
 
     def __call__(
         self, input_ids_N: torch.Tensor, positions_N: torch.Tensor, step: StepKV, logit_rows: torch.Tensor
@@ -81,12 +82,15 @@ class FusedModel:
         x_ND = model.embed_tokens(input_ids_N).float().contiguous()
         cos, sin = model.rotary(positions_N[None], torch.float32)
         plan = self._plan(step, cos[0].contiguous(), sin[0].contiguous())
-        for fused, block in zip(self.layers, model.layers):
-            if fused.has_mlp:
-                x_ND = fused.forward(x_ND, plan)
-            else:
-                x_ND = fused.attention(x_ND, plan)
-                x_ND = x_ND + block.mlp(block.post_attn_norm(x_ND)[None])[0]
+        if self.all_fused:
+            x_ND = self.kernels.forward_layers(self.layers, x_ND, plan)
+        else:
+            for fused, block in zip(self.layers, model.layers):
+                if fused.has_mlp:
+                    x_ND = fused.forward(x_ND, plan)
+                else:
+                    x_ND = fused.attention(x_ND, plan)
+                    x_ND = x_ND + block.mlp(block.post_attn_norm(x_ND)[None])[0]
         return model.lm_head(model.norm(x_ND[logit_rows]))
 
     def _plan(self, step: StepKV, cos: torch.Tensor, sin: torch.Tensor):

@@ -22,7 +22,7 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 SOURCES = ("module.cpp", "qlinear.cpp", "decode.cpp", "int8_rows.cpp", "int8_experts.cpp", "attention_softmax.cpp",
-           "vnni_gemm.cpp")
+           "vnni_gemm.cpp", "paged_attention.cpp")
 
 
 @functools.cache

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "int8_rows.h"
+#include "paged_attention.h"
 #include "qlinear.h"
 #include "simd.h"
 #include "vnni_gemm.h"
@@ -63,29 +64,6 @@ Linear make_linear(int64_t kind, torch::Tensor qdata, torch::Tensor scales, torc
     linear.vnni = std::move(vnni);
   }
   return linear;
-}
-
-// b: float, or c10::Half (a float16 KV cache)
-template <typename T>
-float dot(const float* a, const T* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
-  }
-  float total = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) total += a[i] * to_float(b[i]);
-  return total;
-}
-
-// y += w * x
-template <typename T>
-void axpy(float w, const T* x, float* y, int64_t n) {
-  const __m256 wv = _mm256_set1_ps(w);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += w * to_float(x[i]);
 }
 
 // dst[0..n) = src, rounded to T
@@ -140,156 +118,6 @@ struct StepPlan {
   std::vector<torch::Tensor> k_pools, v_pools;  // the paged cache: [slots, Hkv, Dh] per kv layer
 };
 
-// s[i] = exp(s[i] - max(s)) over n scores; returns their sum.
-float softmax_in_place(float* s, int64_t n) {
-  __m256 top8 = _mm256_set1_ps(-INFINITY);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + i));
-  float top = hmax(top8);
-  for (; i < n; ++i) top = std::max(top, s[i]);
-  const __m256 shift = _mm256_set1_ps(top);
-  __m256 total8 = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= n; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), shift));
-    _mm256_storeu_ps(s + i, e);
-    total8 = _mm256_add_ps(total8, e);
-  }
-  float total = hsum(total8);
-  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - top));
-  return total;
-}
-
-// Position p's row in a paged pool column (col: the pool's base plus a head's offset; slot_stride: elements per slot).
-template <typename T>
-inline const T* paged_row(const T* col, const int32_t* table, int64_t p, int64_t bs, int64_t slot_stride) {
-  return col + (static_cast<int64_t>(table[p / bs]) * bs + p % bs) * slot_stride;
-}
-
-// o = scale * sum_p w[p - first] * v(p) for the paged value rows of positions first .. ctx (v: this head's column
-// in the pool). Head sizes up to 128 in multiples of 8 keep the sum in registers.
-template <typename T>
-void weighted_sum(const float* w, const T* v, const int32_t* table, int64_t first, int64_t ctx, int64_t bs,
-                  int64_t slot_stride, int64_t Dh, float scale, float* o) {
-  auto row = [&](int64_t p) { return paged_row(v, table, p, bs, slot_stride); };
-  if (Dh % 8 == 0 && Dh <= 128) {
-    __m256 acc[16];
-    const int64_t lanes = Dh / 8;
-    for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t p = first; p < ctx; ++p) {
-      const __m256 wp = _mm256_set1_ps(w[p - first]);
-      const T* vr = row(p);
-      for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_fmadd_ps(wp, load8(vr + 8 * j), acc[j]);
-    }
-    const __m256 scale8 = _mm256_set1_ps(scale);
-    for (int64_t j = 0; j < lanes; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], scale8));
-    return;
-  }
-  std::fill(o, o + Dh, 0.0f);
-  for (int64_t p = first; p < ctx; ++p) axpy(w[p - first] * scale, row(p), o, Dh);
-}
-
-// scores[r * len + p - first] = scale * q_r . k(p) for the `rep` query heads q_r (consecutive, Dh = 8 * Lanes
-// each) that share one key head: each key row is read and converted once for all of them.
-template <typename T, int Lanes>
-void shared_key_scores(const float* q, const T* k, const int32_t* table, int64_t first, int64_t ctx, int64_t bs,
-                       int64_t slot_stride, int64_t rep, float scale, float* scores) {
-  static_assert(Lanes % 2 == 0, "two accumulators");
-  const int64_t len = ctx - first;
-  for (int64_t p = first; p < ctx; ++p) {
-    const T* kr = paged_row(k, table, p, bs, slot_stride);
-    __m256 kv[Lanes];
-    for (int j = 0; j < Lanes; ++j) kv[j] = load8(kr + 8 * j);
-    for (int64_t r = 0; r < rep; ++r) {
-      const float* qr = q + r * 8 * Lanes;
-      __m256 acc0 = _mm256_mul_ps(kv[0], _mm256_loadu_ps(qr)), acc1 = _mm256_mul_ps(kv[1], _mm256_loadu_ps(qr + 8));
-      for (int j = 2; j < Lanes; j += 2) {
-        acc0 = _mm256_fmadd_ps(kv[j], _mm256_loadu_ps(qr + 8 * j), acc0);
-        acc1 = _mm256_fmadd_ps(kv[j + 1], _mm256_loadu_ps(qr + 8 * j + 8), acc1);
-      }
-      scores[r * len + p - first] = hsum(_mm256_add_ps(acc0, acc1)) * scale;
-    }
-  }
-}
-
-// o_h = inv_total_h * sum_p w_h[p - first] * v(p) for H query heads sharing one value head (w_h at w + h * len,
-// o_h at o + h * Dh), 32 columns at a time: each value row is read and converted once for all H heads.
-template <typename T, int H>
-void shared_value_sums(const float* w, int64_t len, const T* v, const int32_t* table, int64_t first, int64_t ctx,
-                       int64_t bs, int64_t slot_stride, int64_t Dh, const float* inv_total, float* o) {
-  for (int64_t c = 0; c < Dh; c += 32) {
-    __m256 acc[H][4];
-    for (int h = 0; h < H; ++h)
-      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
-    for (int64_t p = first; p < ctx; ++p) {
-      const T* vr = paged_row(v, table, p, bs, slot_stride) + c;
-      __m256 wp[H];
-      for (int h = 0; h < H; ++h) wp[h] = _mm256_set1_ps(w[h * len + p - first]);
-      for (int j = 0; j < 4; ++j) {
-        const __m256 vj = load8(vr + 8 * j);
-        for (int h = 0; h < H; ++h) acc[h][j] = _mm256_fmadd_ps(wp[h], vj, acc[h][j]);
-      }
-    }
-    for (int h = 0; h < H; ++h) {
-      const __m256 scale = _mm256_set1_ps(inv_total[h]);
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + h * Dh + c + 8 * j, _mm256_mul_ps(acc[h][j], scale));
-    }
-  }
-}
-
-// Attention for single-token queries over their paged context, reading K/V blocks in place.
-// T: the pools' element type (float, or c10::Half for a float16 KV cache).
-template <typename T>
-void decode_attention(const StepPlan& plan, const float* q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
-                      int64_t H, int64_t Hkv, int64_t Dh, float* out) {
-  const int64_t G = plan.num_decode, rep = H / Hkv, bs = plan.block_size;
-  const int64_t max_blocks = plan.block_tables.size(1);
-  const int32_t* tables = plan.block_tables.data_ptr<int32_t>();
-  const int32_t* lens = plan.context_lens.data_ptr<int32_t>();
-  const T *kp = k_pool.data_ptr<T>(), *vp = v_pool.data_ptr<T>();
-  const int64_t slot_stride = Hkv * Dh;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  at::parallel_for(0, G * Hkv, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores, inv_total(rep);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t g = w / Hkv, kvh = w % Hkv;
-      const int64_t ctx = lens[g];
-      const int64_t first = plan.window > 0 ? std::max<int64_t>(0, ctx - plan.window) : 0;
-      const int64_t len = ctx - first;
-      const int32_t* table = tables + g * max_blocks;
-      const float* q_group = q + (g * H + kvh * rep) * Dh;  // the rep query heads of this key/value head
-      float* o_group = out + (g * H + kvh * rep) * Dh;
-      scores.resize(static_cast<size_t>(rep * len));
-      if (Dh == 64) {
-        shared_key_scores<T, 8>(q_group, kp + kvh * Dh, table, first, ctx, bs, slot_stride, rep, scale, scores.data());
-      } else if (Dh == 128) {
-        shared_key_scores<T, 16>(q_group, kp + kvh * Dh, table, first, ctx, bs, slot_stride, rep, scale, scores.data());
-      } else {
-        for (int64_t p = first; p < ctx; ++p) {
-          const T* k = paged_row(kp + kvh * Dh, table, p, bs, slot_stride);
-          for (int64_t r = 0; r < rep; ++r) scores[r * len + (p - first)] = dot(q_group + r * Dh, k, Dh) * scale;
-        }
-      }
-      for (int64_t r = 0; r < rep; ++r) inv_total[r] = 1.0f / softmax_in_place(scores.data() + r * len, len);
-      if (Dh % 32 != 0) {
-        for (int64_t r = 0; r < rep; ++r) {
-          weighted_sum(scores.data() + r * len, vp + kvh * Dh, table, first, ctx, bs, slot_stride, Dh, inv_total[r],
-                       o_group + r * Dh);
-        }
-        continue;
-      }
-      for (int64_t r = 0; r < rep; r += 3) {  // three heads at a time: 12 accumulators
-        const float* wr = scores.data() + r * len;
-        const T* v = vp + kvh * Dh;
-        switch (std::min<int64_t>(3, rep - r)) {
-          case 3: shared_value_sums<T, 3>(wr, len, v, table, first, ctx, bs, slot_stride, Dh, &inv_total[r], o_group + r * Dh); break;
-          case 2: shared_value_sums<T, 2>(wr, len, v, table, first, ctx, bs, slot_stride, Dh, &inv_total[r], o_group + r * Dh); break;
-          default: shared_value_sums<T, 1>(wr, len, v, table, first, ctx, bs, slot_stride, Dh, &inv_total[r], o_group + r * Dh);
-        }
-      }
-    }
-  });
-}
-
 // Attention of one prefill chunk: gather its context from the pools, then ATen's fused SDPA.
 void chunk_attention(const StepPlan& plan, size_t c, const torch::Tensor& q_NHD, const torch::Tensor& k_pool,
                      const torch::Tensor& v_pool, torch::Tensor& out_NHD) {
@@ -330,11 +158,8 @@ class FusedLayer {
     prepare_rows(qkv.data_ptr<float>(), width, plan, q_NHD.data_ptr<float>(), k_pool, v_pool, N, q_dim, kv_dim);
     auto out_NHD = torch::empty({N, H_, Dh_}, x_ND.options());
     if (plan.num_decode > 0) {
-      if (k_pool.scalar_type() == torch::kHalf) {
-        decode_attention<c10::Half>(plan, q_NHD.data_ptr<float>(), k_pool, v_pool, H_, Hkv_, Dh_, out_NHD.data_ptr<float>());
-      } else {
-        decode_attention<float>(plan, q_NHD.data_ptr<float>(), k_pool, v_pool, H_, Hkv_, Dh_, out_NHD.data_ptr<float>());
-      }
+      paged_decode_attention(q_NHD.data_ptr<float>(), k_pool, v_pool, plan.block_tables, plan.context_lens,
+                             plan.block_size, plan.window, H_, out_NHD.data_ptr<float>());
     }
     for (size_t c = 0; c < plan.chunk_start.size(); ++c) chunk_attention(plan, c, q_NHD, k_pool, v_pool, out_NHD);
     return o_(out_NHD.view({N, q_dim}), x_ND);
@@ -476,6 +301,15 @@ void register_decode(pybind11::module& m) {
       .def("attention", &FusedLayer::attention, py::call_guard<py::gil_scoped_release>())
       .def("mlp", &FusedLayer::mlp, py::call_guard<py::gil_scoped_release>())
       .def("forward", &FusedLayer::forward, py::call_guard<py::gil_scoped_release>());
+  // Every layer in one call: the engine thread gives up the GIL once per step rather than once per layer, and each
+  // taking it back can wait out the server's event loop (up to the 0.2 ms switch interval, ~30 times a step).
+  m.def(
+      "forward_layers",
+      [](const std::vector<const FusedLayer*>& layers, torch::Tensor x_ND, const StepPlan& plan) {
+        for (const FusedLayer* layer : layers) x_ND = layer->forward(x_ND, plan);
+        return x_ND;
+      },
+      py::arg("layers"), py::arg("x"), py::arg("plan"), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace hanlin

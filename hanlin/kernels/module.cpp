@@ -5,6 +5,7 @@
 #include "decode.h"
 #include "int8_experts.h"
 #include "int8_rows.h"
+#include "paged_attention.h"
 #include "qlinear.h"
 #include "vnni_gemm.h"
 
@@ -15,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_int8_experts(m);
   hanlin::register_attention_softmax(m);
   hanlin::register_vnni_gemm(m);
+  hanlin::register_paged_attention(m);
 }

@@ -5,6 +5,8 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace hanlin {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -61,6 +63,29 @@ inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// sum a[i] * b[i]; b: float, float16 or bfloat16
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+  }
+  float total = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) total += a[i] * to_float(b[i]);
+  return total;
+}
+
+// y += w * x
+template <typename T>
+void axpy(float w, const T* x, float* y, int64_t n) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += w * to_float(x[i]);
 }
 
 }  // namespace hanlin

@@ -59,7 +59,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, KV | None]:
         B, T, _ = x_BTD.shape
         qkv = self.qkv_proj(x_BTD)
-        q = qkv[..., : self.q_dim]
+        # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
+        q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1) if self.owns_kv else (qkv, None, None)
         if self.qk_norm == "proj":
             q = self.q_norm(q)
         if self.clip_qkv is not None:  # OLMoE clips after the projection norm
@@ -72,8 +73,6 @@ class Attention(nn.Module):
             q_BHTD = self.q_norm(q_BHTD)
 
         if self.owns_kv:
-            k = qkv[..., self.q_dim : self.q_dim + self.kv_dim]
-            v = qkv[..., self.q_dim + self.kv_dim :]
             if self.qk_norm == "proj":
                 k = self.k_norm(k)
             if self.clip_qkv is not None:

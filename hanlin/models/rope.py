@@ -98,11 +98,10 @@ class RotaryEmbedding(torch.nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos_BTD[:, None], sin_BTD[:, None]
-    return x_BHTD * cos + rotate_half(x_BHTD) * sin
+    """x * cos + rotate_half(x) * sin, the same values, written as a roll of x times a sin whose first half is
+    negated: the backward of rotate_half's slices fills two zero tensors of x's size and adds them, a roll's
+    backward is one roll (q of bench/train.py's model, forward + backward, 2 threads: 3.7 -> 2.6 ms)."""
+    half = x_BHTD.shape[-1] // 2
+    signed_sin = torch.cat((-sin_BTD[..., :half], sin_BTD[..., half:]), dim=-1)
+    return x_BHTD * cos_BTD[:, None] + x_BHTD.roll(half, dims=-1) * signed_sin[:, None]
