@@ -20,7 +20,6 @@
 namespace hanlin {
 namespace {
 
-
 // One sequence's rows in one pool [slots, Hkv, Dh]; the rows of one block are consecutive.
 template <typename T>
 struct PagedRows {
@@ -174,7 +173,7 @@ void decode_attention(const float* q, const T* kp, const T* vp, const int32_t* t
   const int64_t heads_per_item = G >= 2 * at::get_num_threads() ? Hkv : 1;
   const int64_t items_per_seq = Hkv / heads_per_item;
   at::parallel_for(0, G * items_per_seq, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
+    std::vector<float> scores, inv_total;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t g = i / items_per_seq, h0 = (i % items_per_seq) * heads_per_item, h1 = h0 + heads_per_item;
       const int64_t ctx = lens[g], first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0, len = ctx - first;
@@ -189,7 +188,7 @@ void decode_attention(const float* q, const T* kp, const T* vp, const int32_t* t
         case 128: key_scores<T, 16>(qg, k, first, ctx, h0, h1, rep, scale, scores.data()); break;
         default: key_scores_any<T>(qg, k, first, ctx, h0, h1, rep, Dh, scale, scores.data());
       }
-      std::vector<float> inv_total(heads);
+      inv_total.resize(static_cast<size_t>(heads));
       for (int64_t h = 0; h < heads; ++h) inv_total[h] = 1.0f / softmax_in_place(scores.data() + h * len, len);
       value_sums(scores.data(), v, first, ctx, h0, h1, rep, Dh, o);
       for (int64_t h = 0; h < heads; ++h) {
