@@ -122,10 +122,17 @@ torch::Tensor VnniWeight::mm(const torch::Tensor& q_MK) const {
   auto q = q_MK.contiguous();
   auto out = torch::empty({M, N_}, q.options().dtype(torch::kInt32));
   if (M == 0 || N_ == 0) return out;
-  std::vector<uint8_t> shifted(M * row_bytes, 0);  // q + 128; the padding meets zero weights
+  // q + 128; the padding meets zero weights. K is a local: through a byte store GCC would reload the member on
+  // every iteration and not vectorize the loop.
+  std::vector<uint8_t> shifted(M * row_bytes);
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K_; ++k) shifted[m * row_bytes + k] = qp[m * K_ + k] ^ 0x80;
+  const int64_t K = K_;
+  for (int64_t m = 0; m < M; ++m) {
+    uint8_t* row = shifted.data() + m * row_bytes;
+    const uint8_t* src = qp + m * K;
+    for (int64_t k = 0; k < K; ++k) row[k] = src[k] ^ 0x80;
+    for (int64_t k = K; k < row_bytes; ++k) row[k] = 0;
+  }
   const int8_t* w = packed_.data_ptr<int8_t>();
   const int32_t* corr = correction_.data_ptr<int32_t>();
   int32_t* op = out.data_ptr<int32_t>();
