@@ -1,4 +1,5 @@
-"""Shared fixtures: `hanlin serve` as a real subprocess on 127.0.0.1 (a free port, its own SQLite file)."""
+"""Shared fixtures: `hanlin serve` as a real subprocess on 127.0.0.1 (a free port, its own SQLite file); and
+torch_threads, to run a block on a given number of torch threads."""
 
 from __future__ import annotations
 
@@ -12,14 +13,27 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 180  # loading takes ~7 s on a quiet machine; these machines are rarely quiet
 BANNER = re.compile(r"Hanlin is serving (\S+) at (http://[^/\s]+)/ \(chat page\)")
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count is `count` inside the block and back to what it was after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def has_embedded_model() -> bool:

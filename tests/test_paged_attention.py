@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import torch_threads
 from hanlin.kernels import cpu_kernels
 
 kernels = cpu_kernels()
@@ -68,14 +69,10 @@ def test_matches_reference(dtype, G, H, Hkv, Dh, block_size, window) -> None:
 @pytest.mark.parametrize("G", [1, 3, 16])
 def test_same_result_on_one_and_two_threads(G: int) -> None:
     q, k_pool, v_pool, tables, lens = random_case(G, 9, 3, 64, 16, torch.float16, seed=7)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = kernels.paged_decode_attention(q, k_pool, v_pool, tables, lens, 16, 0)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = kernels.paged_decode_attention(q, k_pool, v_pool, tables, lens, 16, 0)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torch_threads
 import hanlin.kernels
 
 F32, Q8, Q4, F32_PANELS = 0, 1, 2, 3
@@ -145,13 +146,9 @@ def test_thread_counts_and_many_rows(qlinear, kind, threads):
     """Ragged work: 1001 rows (63 panels, the last one 9 rows; the N = 1 panel path in groups of 4)."""
     gen = torch.Generator().manual_seed(threads + 20 * kind)
     packed, group, weight, magnitude = random_weight(kind, 1001, 96, gen)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for N in (1, 2, 3, 4, 6, 70, 200):
             check(qlinear, kind, packed, group, weight, magnitude, N, True, gen)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("kind", [Q4, F32_PANELS])

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import torch_threads
 from hanlin.train.init import build_model, load_training_checkpoint
 from hanlin.train.loop import Trainer
 from hanlin.train.losses import lm_loss_with
@@ -97,14 +98,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ddp_loss_curve_equals_single_process(runs: Path, tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         config = make_config(steps=DDP_STEPS)  # the same global batch (4 rows) in one process
         _, model = build_model(config)
         Trainer(config, model, ToyBatches(batch=4), lm_loss_with(config.moe), tmp_path).fit()
-    finally:
-        torch.set_num_threads(threads)
     single, ddp = step_losses(tmp_path), step_losses(runs / "ddp")
     assert list(ddp) == list(range(1, DDP_STEPS + 1))
     assert list(ddp.values()) == pytest.approx(list(single.values()), rel=1e-5)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import torch_threads
 from hanlin.config import ModelConfig
 from hanlin.errors import HanlinError
 from hanlin.train.batch import IGNORE_INDEX, LMBatch
@@ -287,12 +288,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
 
     killed = tmp_path / "killed"
     victim = run(killed, 0.3, False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocesses
-    try:
+    with torch_threads(1):  # as in the subprocesses
         resume_run(tmp_path / "straight")  # the uninterrupted run, in this process meanwhile
-    finally:
-        torch.set_num_threads(threads)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and victim.poll() is None:  # kill -9 after step 7, past the step-6 save
         if (killed / "metrics.jsonl").exists() and max(step_losses(killed), default=0) >= 7:

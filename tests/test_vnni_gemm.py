@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import torch_threads
 from hanlin.kernels import cpu_kernels
 from hanlin.models.int8_linear import int8_gemm_is_exact
 from hanlin.models.quantized import QuantLinear
@@ -64,14 +65,10 @@ def test_vnni_product_does_not_depend_on_threads() -> None:
     w_NK = torch.randint(-127, 128, (1000, 256), dtype=torch.int8, generator=gen)
     q_MK = torch.randint(-128, 128, (16, 256), dtype=torch.int8, generator=gen)
     vnni = kernels.VnniWeight(w_NK)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = vnni.mm(q_MK)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = vnni.mm(q_MK)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, two) and torch.equal(one, exact(q_MK, w_NK))
 
 

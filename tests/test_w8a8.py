@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import hanlin.models.quantized as quantized_module
+from conftest import torch_threads
 from engine_helpers import engine_greedy, tiny_model
 from hanlin.config import ModelConfig, MoEConfig
 from hanlin.engine.options import check_quantize
@@ -215,16 +216,14 @@ def test_moe_int8_experts_give_the_same_bits_at_any_thread_count() -> None:
     quantize_model(model, "w8a8")
     moe = model.layers[0].mlp
     x = torch.randn(1, 50, 64)
-    threads = torch.get_num_threads()
-    try:
-        with torch.inference_mode():
-            torch.set_num_threads(1)
+    with torch.inference_mode():
+        with torch_threads(1):
             one = moe(x)
-            torch.set_num_threads(2)
+        with torch_threads(2):
             two = moe(x)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
 @needs_int8
 @pytest.mark.parametrize("moe", [None, MOE], ids=["dense", "moe"])
 def test_engine_batches_w8a8_like_each_request_alone(moe: MoEConfig | None) -> None:
