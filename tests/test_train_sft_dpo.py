@@ -259,7 +259,8 @@ def test_lora_starts_as_the_base_model_and_trains_only_adapters() -> None:
     wrapped = apply_lora(model, rank=4, alpha=8.0)
     assert any(name.endswith("attn.qkv_proj") for name in wrapped)
     assert any(".experts." in name for name in wrapped) and not any("lm_head" in n for n in wrapped)
-    torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+    # the same function; `before` went through training's kernels (its weights wanted gradients), so up to rounding
+    torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-6)
     model(ids).square().mean().backward()
     for name, parameter in model.named_parameters():
         if lora_parameters(name, parameter):
@@ -327,7 +328,9 @@ def test_dpo_loss_fn_metrics_by_hand() -> None:
     out = DPOLoss.frozen_copy(model, beta=0.5)(model, batch)
     assert out.items == 2
     torch.testing.assert_close(out.loss_sum, torch.tensor(2 * math.log(2)), rtol=1e-6, atol=1e-6)
-    assert out.metrics["dpo/reward_margin"] == 0 and out.metrics["dpo/reward_accuracy"] == 0
+    # 0 up to rounding (the policy's forward wants gradients and goes through training's RMSNorm kernel), so the
+    # share of pairs with a positive margin is rounding noise here and not checked
+    assert abs(out.metrics["dpo/reward_margin"]) < 1e-5
 
 
 def _pairs(records: list[dict], tokenizer: Tokenizer, seq_len: int = 128):

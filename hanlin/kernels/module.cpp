@@ -2,11 +2,14 @@
 #include <torch/extension.h>
 
 #include "attention_softmax.h"
+#include "causal_attention.h"
+#include "cross_entropy.h"
 #include "decode.h"
 #include "int8_experts.h"
 #include "int8_rows.h"
 #include "paged_attention.h"
 #include "qlinear.h"
+#include "rms_norm.h"
 #include "vnni_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -15,6 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_int8_rows(m);
   hanlin::register_int8_experts(m);
   hanlin::register_attention_softmax(m);
+  hanlin::register_causal_attention(m);
+  hanlin::register_cross_entropy(m);
   hanlin::register_vnni_gemm(m);
   hanlin::register_paged_attention(m);
+  hanlin::register_rms_norm(m);
 }

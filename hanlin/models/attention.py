@@ -9,6 +9,7 @@ from torch import nn
 from typing import Protocol
 
 from hanlin.config import ModelConfig
+from hanlin.models.causal_attention import causal_attention, kernel_applies
 from hanlin.models.layers import RMSNorm
 from hanlin.models.rope import apply_rope
 
@@ -56,7 +57,9 @@ class Attention(nn.Module):
         mask_BQS: torch.Tensor | None,
         cache: KVStore | None,
         shared_kv: KV | None,
+        key_start_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV | None]:
+        """key_start_BT: where mask_BQS is causal from a first key per query (documents, a window), that key."""
         B, T, _ = x_BTD.shape
         qkv = self.qkv_proj(x_BTD)
         # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
@@ -96,7 +99,10 @@ class Attention(nn.Module):
         assert kv is not None, "a cross-layer-attention layer needs the previous layer's K/V"
 
         k_BHSD, v_BHSD = kv
-        if mask_BQS is None:
+        causal_rows = mask_BQS is None or key_start_BT is not None
+        if causal_rows and T > 1 and q_BHTD.requires_grad and kernel_applies(q_BHTD):  # training on CPU
+            out = causal_attention(q_BHTD, k_BHSD, v_BHSD, key_start_BT)
+        elif mask_BQS is None:
             out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=T > 1, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hanlin.kernels import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -14,10 +16,39 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _training_on_cpu(x, self.weight):
+            return _RMSNormRows.apply(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def _training_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Gradients wanted through fp32 CPU tensors, with the compiled kernels built: training's RMSNorm kernel."""
+    return (
+        torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.device.type == "cpu"
+        and x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        and cpu_kernels() is not None
+    )
+
+
+class _RMSNormRows(torch.autograd.Function):
+    """RMSNorm over the last dimension by the compiled kernels (rms_norm.cpp), forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x_ND = x.reshape(-1, x.shape[-1]).contiguous()
+        y_ND, r_N = cpu_kernels().rms_norm_forward(x_ND, weight.contiguous(), eps)
+        ctx.save_for_backward(x_ND, weight, r_N)
+        return y_ND.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x_ND, weight, r_N = ctx.saved_tensors
+        grad_ND = grad_y.reshape(x_ND.shape).contiguous()
+        grad_x_ND, grad_weight = cpu_kernels().rms_norm_backward(grad_ND, x_ND, weight.contiguous(), r_N)
+        return grad_x_ND.view(grad_y.shape), grad_weight, None
 
 
 class SwiGLU(nn.Module):

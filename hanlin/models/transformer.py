@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hanlin.config import ModelConfig
 from hanlin.models.attention import KV, Attention, KVStore
+from hanlin.models.causal_attention import key_starts
 from hanlin.models.layers import RMSNorm, SwiGLU
+from hanlin.models.linear_cross_entropy import linear_cross_entropy
 from hanlin.models.moe import MoE
 from hanlin.models.rope import RotaryEmbedding
 
@@ -34,8 +37,9 @@ class Block(nn.Module):
         mask_BQS: torch.Tensor | None,
         cache: KVStore | None,
         shared_kv: KV | None,
+        key_start_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV | None]:
-        attn_out, kv = self.attn(self.input_norm(x_BTD), cos, sin, mask_BQS, cache, shared_kv)
+        attn_out, kv = self.attn(self.input_norm(x_BTD), cos, sin, mask_BQS, cache, shared_kv, key_start_BT)
         h = x_BTD + attn_out
         return h + self.mlp(self.post_attn_norm(h)), kv
 
@@ -73,6 +77,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         logit_rows: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for input_ids [B, T] (or [B, R, V] for the R token indices in logit_rows).
 
@@ -81,6 +86,8 @@ class Transformer(nn.Module):
         paged cache (a KVStore), input_ids are one packed row of every sequence's new tokens and positions
         must be given. Training on packed rows: document_ids [B, T] (equal ids = one document, each document
         contiguous) keep attention inside each document and restart positions at every document's start.
+        With labels [B, T] (the token that should follow each position, -100 for none), the summed
+        cross-entropy comes back instead of logits, the lm_head and the loss fused (linear_cross_entropy).
         """
         B, T = input_ids.shape
         if document_ids is not None:
@@ -102,12 +109,21 @@ class Transformer(nn.Module):
             same_BQS = document_ids[:, :, None] == document_ids[:, None, :]
             causal_QS = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
             mask_BQS = same_BQS & (causal_QS if mask_BQS is None else mask_BQS)
+        key_start_BT = None
+        if cache is None and attention_mask is None:
+            key_start_BT = key_starts(document_ids, B, T, self.config.sliding_window, x_BTD.device)
         kv: KV | None = None
         for block in self.layers:
-            x_BTD, kv = block(x_BTD, cos, sin, mask_BQS, cache, kv)
+            x_BTD, kv = block(x_BTD, cos, sin, mask_BQS, cache, kv, key_start_BT)
         if logit_rows is not None:
             x_BTD = x_BTD[:, logit_rows]
-        return self.lm_head(self.norm(x_BTD))
+        h_BTD = self.norm(x_BTD)
+        if labels is None:
+            return self.lm_head(h_BTD)
+        h_ND, labels_N = h_BTD.reshape(-1, h_BTD.shape[-1]), labels.reshape(-1)
+        if isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+            return linear_cross_entropy(h_ND, self.lm_head.weight, labels_N)
+        return F.cross_entropy(self.lm_head(h_ND).float(), labels_N, reduction="sum")
 
     def _attention_mask(
         self, attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device
