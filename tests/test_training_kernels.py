@@ -144,3 +144,25 @@ def test_rms_norm_kernel_matches_pytorch_ops(shape: tuple[int, ...]) -> None:
     for g, e in zip(grads_of((got * upstream).sum(), x, norm.weight),
                     grads_of((expected * upstream).sum(), x, norm.weight)):
         assert torch.allclose(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_kernel_matches_pytorch_ops() -> None:
+    from hanlin.models.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(32, 20)  # 20: a row's last 4 values go past the 8-wide vector loop
+    x = torch.randn(3, 5, 32).requires_grad_()
+    with torch.no_grad():
+        mlp.gate_up_proj.weight[0] = 60 * torch.ones(32)  # gates far out on both sides of the sigmoid
+        mlp.gate_up_proj.weight[1] = -60 * torch.ones(32)
+    upstream = torch.randn(3, 5, 32)
+
+    def reference(x):
+        gate, up = mlp.gate_up_proj(x).split(20, dim=-1)
+        return mlp.down_proj(F.silu(gate) * up)
+
+    got, expected = mlp(x), reference(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    params = [x, *mlp.parameters()]
+    for g, e in zip(grads_of((got * upstream).sum(), *params), grads_of((expected * upstream).sum(), *params)):
+        assert torch.allclose(g, e, atol=1e-4, rtol=1e-5)

@@ -10,6 +10,7 @@
 #include "paged_attention.h"
 #include "qlinear.h"
 #include "rms_norm.h"
+#include "swiglu.h"
 #include "vnni_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_vnni_gemm(m);
   hanlin::register_paged_attention(m);
   hanlin::register_rms_norm(m);
+  hanlin::register_swiglu(m);
 }

@@ -61,5 +61,24 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if _training_on_cpu(gate_up, gate_up):
+            return self.down_proj(_SwiGLUActivation.apply(gate_up))
+        gate, up = gate_up.split(self.hidden, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class _SwiGLUActivation(torch.autograd.Function):
+    """silu(gate) * up over [..., 2F] (gate, then up) by the compiled kernels (swiglu.cpp), forward and backward."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up_N2F = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+        ctx.save_for_backward(gate_up_N2F)
+        return cpu_kernels().swiglu_forward(gate_up_N2F).view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (gate_up_N2F,) = ctx.saved_tensors
+        grad_NF = grad_out.reshape(gate_up_N2F.shape[0], -1).contiguous()
+        return cpu_kernels().swiglu_backward(grad_NF, gate_up_N2F).view(*grad_out.shape[:-1], gate_up_N2F.shape[-1])
