@@ -24,12 +24,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def _training_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Gradients wanted through fp32 CPU tensors, with the compiled kernels built: training's RMSNorm kernel."""
+def _training_on_cpu(*tensors: torch.Tensor) -> bool:
+    """Gradients wanted through these fp32 CPU tensors, with the compiled kernels built: training's kernels."""
     return (
-        torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.device.type == "cpu"
-        and x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        and cpu_kernels() is not None
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not torch.is_autocast_enabled("cpu") and cpu_kernels() is not None
     )
 
 
@@ -62,7 +62,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if _training_on_cpu(gate_up, gate_up):
+        if _training_on_cpu(gate_up):
             return self.down_proj(_SwiGLUActivation.apply(gate_up))
         gate, up = gate_up.split(self.hidden, dim=-1)
         return self.down_proj(F.silu(gate) * up)
