@@ -35,19 +35,7 @@ void softmax_row(T* row, int64_t n, int64_t valid, float scale) {
     x[k] = to_float(row[k]) * scale;
     top = std::max(top, x[k]);
   }
-  const __m256 top8 = _mm256_set1_ps(top);
-  __m256 sum8 = _mm256_setzero_ps();
-  k = 0;
-  for (; k + 8 <= valid; k += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + k), top8));
-    _mm256_storeu_ps(x + k, e);
-    sum8 = _mm256_add_ps(sum8, e);
-  }
-  float sum = hsum(sum8);
-  for (; k < valid; ++k) {
-    x[k] = std::exp(x[k] - top);
-    sum += x[k];
-  }
+  const float sum = exp_shifted_(x, valid, top);
   for (k = valid; k < n; ++k) x[k] = 0.0f;
   const __m256 inv8 = _mm256_set1_ps(1.0f / sum);
   k = 0;

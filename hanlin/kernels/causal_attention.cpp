@@ -127,28 +127,9 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
           float* row = S + (i - r0) * cols;
           const int64_t lo = s.start(b, i) - c0, hi = i - c0 + 1;  // valid keys [lo, hi)
           std::fill(row, row + lo, 0.0f);
-          __m256 max8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-          int64_t j = lo;
-          for (; j + 8 <= hi; j += 8) max8 = _mm256_max_ps(max8, _mm256_loadu_ps(row + j));
-          float top = hmax(max8);
-          for (; j < hi; ++j) top = std::max(top, row[j]);
-          const __m256 top8 = _mm256_set1_ps(top);
-          __m256 sum8 = _mm256_setzero_ps();
-          j = lo;
-          for (; j + 8 <= hi; j += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), top8));
-            _mm256_storeu_ps(row + j, e);
-            sum8 = _mm256_add_ps(sum8, e);
-          }
-          float sum = hsum(sum8);
-          for (; j < hi; ++j) {
-            row[j] = std::exp(row[j] - top);
-            sum += row[j];
-          }
-          const float inverse = 1.0f / sum;
-          const __m256 inverse8 = _mm256_set1_ps(inverse);
-          for (j = lo; j + 8 <= hi; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inverse8));
-          for (; j < hi; ++j) row[j] *= inverse;
+          float top;
+          const float sum = softmax_in_place(row + lo, hi - lo, &top);
+          scale_(row + lo, hi - lo, 1.0f / sum);
           std::fill(row + hi, row + cols, 0.0f);
           LSE[(b * s.H + h) * s.T + i] = top + std::log(sum);
         }

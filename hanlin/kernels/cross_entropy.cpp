@@ -16,30 +16,10 @@ namespace {
 
 // Returns the row's loss, logsumexp(row) - row[label], and leaves softmax(row) - one_hot(label) in the row.
 float cross_entropy_row(float* row, int64_t n, int64_t label) {
-  __m256 max8 = _mm256_set1_ps(-INFINITY);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) max8 = _mm256_max_ps(max8, _mm256_loadu_ps(row + k));
-  float top = hmax(max8);
-  for (; k < n; ++k) top = std::max(top, row[k]);
   const float target = row[label];
-  const __m256 top8 = _mm256_set1_ps(top);
-  __m256 sum8 = _mm256_setzero_ps();
-  k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + k), top8));
-    _mm256_storeu_ps(row + k, e);
-    sum8 = _mm256_add_ps(sum8, e);
-  }
-  float sum = hsum(sum8);
-  for (; k < n; ++k) {
-    row[k] = std::exp(row[k] - top);
-    sum += row[k];
-  }
-  const float inverse = 1.0f / sum;
-  const __m256 inverse8 = _mm256_set1_ps(inverse);
-  k = 0;
-  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(row + k, _mm256_mul_ps(_mm256_loadu_ps(row + k), inverse8));
-  for (; k < n; ++k) row[k] *= inverse;
+  float top;
+  const float sum = softmax_in_place(row, n, &top);
+  scale_(row, n, 1.0f / sum);
   row[label] -= 1.0f;
   return std::log(sum) + top - target;
 }

@@ -143,25 +143,6 @@ void value_sums(const float* w, const PagedRows<T>& v, int64_t first, int64_t ct
   });
 }
 
-// s[i] = exp(s[i] - max(s)) over n scores; returns their sum.
-float softmax_in_place(float* s, int64_t n) {
-  __m256 top8 = _mm256_set1_ps(-INFINITY);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + i));
-  float top = hmax(top8);
-  for (; i < n; ++i) top = std::max(top, s[i]);
-  const __m256 shift = _mm256_set1_ps(top);
-  __m256 total8 = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= n; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), shift));
-    _mm256_storeu_ps(s + i, e);
-    total8 = _mm256_add_ps(total8, e);
-  }
-  float total = hsum(total8);
-  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - top));
-  return total;
-}
-
 template <typename T>
 void decode_attention(const float* q, const T* kp, const T* vp, const int32_t* tables, int64_t max_blocks,
                       const int32_t* lens, int64_t G, int64_t H, int64_t Hkv, int64_t Dh, int64_t bs, int64_t window,

@@ -5,7 +5,10 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace hanlin {
 
@@ -86,6 +89,46 @@ void axpy(float w, const T* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8(x + i), _mm256_loadu_ps(y + i)));
   for (; i < n; ++i) y[i] += w * to_float(x[i]);
+}
+
+// max of s[0..n) (-inf for n = 0)
+inline float max_of(const float* s, int64_t n) {
+  __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + i));
+  float top = hmax(top8);
+  for (; i < n; ++i) top = std::max(top, s[i]);
+  return top;
+}
+
+// s[i] = exp(s[i] - top) over n values; returns their sum.
+inline float exp_shifted_(float* s, int64_t n, float top) {
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), shift));
+    _mm256_storeu_ps(s + i, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = hsum(total8);
+  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - top));
+  return total;
+}
+
+// s[i] = exp(s[i] - max(s)) over n scores, a softmax's numerators; returns their sum (and the max in *top if given).
+inline float softmax_in_place(float* s, int64_t n, float* top = nullptr) {
+  const float shift = max_of(s, n);
+  if (top) *top = shift;
+  return exp_shifted_(s, n, shift);
+}
+
+// x[i] *= factor
+inline void scale_(float* x, int64_t n, float factor) {
+  const __m256 factor8 = _mm256_set1_ps(factor);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), factor8));
+  for (; i < n; ++i) x[i] *= factor;
 }
 
 }  // namespace hanlin

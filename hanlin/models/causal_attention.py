@@ -31,15 +31,20 @@ def key_starts(document_ids_BT: torch.Tensor | None, B: int, T: int, window: int
     """First key each query may see: its document's first token (documents contiguous), no further back than
     window - 1 tokens; None when that is 0 everywhere (plain causal)."""
     index_BT = torch.arange(T, device=device).expand(B, T)
-    start_BT = None
-    if document_ids_BT is not None:
-        first_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
-        first_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
-        start_BT = torch.where(first_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
+    start_BT = None if document_ids_BT is None else document_starts(document_ids_BT)
     if window is not None and T > window:
         earliest_BT = (index_BT - window + 1).clamp(min=0)
         start_BT = earliest_BT if start_BT is None else torch.maximum(start_BT, earliest_BT)
     return start_BT
+
+
+def document_starts(document_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Index of the first token of each token's (contiguous) document: [B, T] -> [B, T]."""
+    B, T = document_ids_BT.shape
+    index_BT = torch.arange(T, device=document_ids_BT.device).expand(B, T)
+    first_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
+    first_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+    return torch.where(first_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
 
 
 class _CausalAttention(torch.autograd.Function):

@@ -10,7 +10,7 @@ from torch import nn
 
 from hanlin.config import ModelConfig
 from hanlin.models.attention import KV, Attention, KVStore
-from hanlin.models.causal_attention import key_starts
+from hanlin.models.causal_attention import document_starts, key_starts
 from hanlin.models.layers import RMSNorm, SwiGLU
 from hanlin.models.linear_cross_entropy import linear_cross_entropy
 from hanlin.models.moe import MoE
@@ -148,8 +148,4 @@ class Transformer(nn.Module):
 def _positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
     """Index of each token within its (contiguous) document: [B, T] -> [B, T]."""
     B, T = document_ids.shape
-    index = torch.arange(T, device=document_ids.device).expand(B, T)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - start_index
+    return torch.arange(T, device=document_ids.device).expand(B, T) - document_starts(document_ids)
