@@ -109,8 +109,12 @@ def tiny(moe: bool, window: int | None = None) -> Transformer:
 @pytest.mark.parametrize("packed, window", [(False, None), (True, None), (True, 5)])
 def test_training_forward_with_kernels_equals_pytorch_ops(monkeypatch, moe: bool, packed: bool,
                                                           window: int | None) -> None:
-    """The summed loss and every parameter's gradient with the kernels, against logits + F.cross_entropy and
-    SDPA with a boolean mask (the kernels switched off)."""
+    """The summed loss and every parameter's gradient with the kernels (RoPE, attention, MoE experts, lm_head +
+    loss), against PyTorch's ops: RoPE by apply_rope, SDPA with a boolean mask, experts one by one, logits +
+    F.cross_entropy."""
+    from hanlin.models import expert_group
+    from hanlin.models.rope import rope_qkv
+
     model = tiny(moe, window)
     assert kernel_applies(torch.zeros(1, requires_grad=True))
     ids = torch.randint(0, 300, (3, 40))
@@ -118,9 +122,16 @@ def test_training_forward_with_kernels_equals_pytorch_ops(monkeypatch, moe: bool
     labels[:, :4] = -100
     doc_ids = torch.tensor([[0] * 10 + [1] * 25 + [2] * 5] * 3) if packed else None
 
+    kernel_calls = []
+    monkeypatch.setattr(attention_module, "rope_qkv", lambda *args: kernel_calls.append("rope") or rope_qkv(*args))
+    monkeypatch.setattr(expert_group, "expert_group",
+                        lambda *args, group=expert_group.expert_group: kernel_calls.append("experts") or group(*args))
     loss = model(ids, document_ids=doc_ids, labels=labels)
     got = grads_of(loss, *model.parameters())
+    assert kernel_calls.count("rope") == 2 and kernel_calls.count("experts") == (2 if moe else 0)
     monkeypatch.setattr(attention_module, "kernel_applies", lambda q: False)
+    monkeypatch.setattr(attention_module, "training_on_cpu", lambda *tensors: False)
+    monkeypatch.setattr(expert_group, "kernel_applies", lambda experts, x: False)
     logits = model(ids, document_ids=doc_ids)
     expected_loss = F.cross_entropy(logits.reshape(-1, 300), labels.reshape(-1), reduction="sum")
     expected = grads_of(expected_loss, *model.parameters())
@@ -166,3 +177,77 @@ def test_swiglu_kernel_matches_pytorch_ops() -> None:
     params = [x, *mlp.parameters()]
     for g, e in zip(grads_of((got * upstream).sum(), *params), grads_of((expected * upstream).sum(), *params)):
         assert torch.allclose(g, e, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["balanced", "hot expert", "idle expert", "dropped slots"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_moe_expert_kernel_matches_pytorch_ops(monkeypatch, routing: str, threads: int) -> None:
+    """The grouped experts' kernel (experts side by side on threads; a hot expert on all threads) against the
+    experts run one by one with PyTorch's ops: output and every gradient, including the router's."""
+    from hanlin.models import expert_group
+    from hanlin.models.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(36, MoEConfig(num_experts=6, top_k=2, expert_dim=20, norm_topk_prob=True,
+                            capacity_factor=0.5 if routing == "dropped slots" else None)).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        if routing == "hot expert":  # most tokens' first choice: expert 3 (over half a thread's fair share)
+            moe.router.weight[3] += 2.0
+        if routing == "idle expert":  # expert 5 never chosen
+            moe.router.weight[5] -= 50.0
+    x = (torch.randn(2, 45, 36) + 0.5).requires_grad_()
+    upstream = torch.randn(2, 45, 36)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert expert_group.kernel_applies(moe.experts, x)
+        torch.manual_seed(1)  # recycle routing draws at random: both runs draw alike
+        got = moe(x)
+        counts = moe.last_tokens_per_expert
+        with monkeypatch.context() as patch:
+            patch.setattr(expert_group, "kernel_applies", lambda experts, x: False)
+            torch.manual_seed(1)
+            expected = moe(x)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if routing == "hot expert":
+        assert counts.max() > 45  # 2 x 45 x 2 slots over 2 threads: a fair share is 90
+    if routing == "idle expert":
+        assert counts[5] == 0
+    if routing == "dropped slots":
+        assert moe.last_dropped > 0
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    params = [x, *moe.parameters()]
+    got_grads = torch.autograd.grad((got * upstream).sum(), params, allow_unused=True)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), params, allow_unused=True)
+    for g, e in zip(got_grads, expected_grads):
+        assert (g is None) == (e is None)
+        if g is not None:
+            assert torch.allclose(g, e, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 12])  # 12: half a head is past the 8-wide vector loop
+def test_rope_qkv_kernel_matches_pytorch_ops(head_dim: int) -> None:
+    from hanlin.config import RopeConfig
+    from hanlin.models.rope import RotaryEmbedding, apply_rope, rope_qkv
+
+    torch.manual_seed(0)
+    B, T, H, Hkv = 2, 9, 4, 2
+    rotary = RotaryEmbedding(RopeConfig(type="yarn", factor=4.0, original_max_position_embeddings=4), head_dim, 64)
+    positions = torch.tensor([list(range(T)), [0, 1, 2, 0, 1, 2, 3, 4, 5]])  # the second row packs two documents
+    cos, sin = rotary(positions, torch.float32)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * head_dim, requires_grad=True)
+    upstream = [torch.randn(B, heads, T, head_dim) for heads in (H, Hkv, Hkv)]
+
+    def reference(qkv):
+        q, k, v = qkv.split([H * head_dim, Hkv * head_dim, Hkv * head_dim], dim=-1)
+        q, k, v = (t.view(B, T, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    got, expected = rope_qkv(qkv, cos, sin, H, Hkv), reference(qkv)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=1e-6)
+    loss = lambda outs: sum((o * u).sum() for o, u in zip(outs, upstream))  # noqa: E731
+    assert torch.allclose(grads_of(loss(got), qkv)[0], grads_of(loss(expected), qkv)[0], atol=1e-5)

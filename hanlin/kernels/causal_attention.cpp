@@ -16,38 +16,13 @@
 #include <string>
 #include <vector>
 
+#include "blas.h"
 #include "simd.h"
 
 namespace hanlin {
 namespace {
 
 constexpr int64_t kBlock = 64;
-
-// The Fortran BLAS sgemm that libtorch carries (MKL on x86 builds; OpenBLAS elsewhere), looked up at run time: ATen
-// does not export its own gemm wrapper, and linking a missing symbol would lose every kernel, not just this one.
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                         const int*, const float*, const int*, const float*, float*, const int*);
-
-SgemmFn find_sgemm() {
-  for (const char* name : {"sgemm_", "SGEMM", "sgemm"}) {
-    if (void* symbol = dlsym(RTLD_DEFAULT, name)) return reinterpret_cast<SgemmFn>(symbol);
-  }
-  return nullptr;
-}
-
-SgemmFn sgemm() {
-  static const SgemmFn found = find_sgemm();
-  return found;
-}
-
-// Row-major C[M, N] = alpha * op(A) op(B) + beta * C (column-major BLAS: C^T = op(B)^T op(A)^T).
-inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  sgemm()(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-}
 
 // One [B, H, T, D] operand: the last dimension contiguous, any other strides.
 struct Operand {

@@ -7,9 +7,11 @@
 #include "decode.h"
 #include "int8_experts.h"
 #include "int8_rows.h"
+#include "moe_experts.h"
 #include "paged_attention.h"
 #include "qlinear.h"
 #include "rms_norm.h"
+#include "rope.h"
 #include "swiglu.h"
 #include "vnni_gemm.h"
 
@@ -25,4 +27,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_paged_attention(m);
   hanlin::register_rms_norm(m);
   hanlin::register_swiglu(m);
+  hanlin::register_moe_experts(m);
+  hanlin::register_rope(m);
 }

@@ -5,20 +5,10 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <cmath>
-
-#include "simd.h"
+#include "swiglu_rows.h"
 
 namespace hanlin {
 namespace {
-
-inline __m256 sigmoid8(__m256 g) {  // 1 / (1 + e^-g), e^-g kept inside exp8's range
-  const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(87.0f)));
-  return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-}
-
-inline float sigmoid(float g) { return 1.0f / (1.0f + std::exp(std::min(-g, 87.0f))); }
 
 void check_gate_up(const torch::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.scalar_type() == torch::kFloat32 &&
@@ -35,22 +25,11 @@ torch::Tensor swiglu_forward(const torch::Tensor& gate_up) {
   const float* GU = gate_up.data_ptr<float>();
   float* O = out.data_ptr<float>();
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float* g = GU + n * 2 * F;
-      const float* u = g + F;
-      float* o = O + n * F;
-      int64_t f = 0;
-      for (; f + 8 <= F; f += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + f);
-        _mm256_storeu_ps(o + f, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(u + f)));
-      }
-      for (; f < F; ++f) o[f] = g[f] * sigmoid(g[f]) * u[f];
-    }
+    swiglu_rows_forward(GU + begin * 2 * F, O + begin * F, end - begin, F);
   });
   return out;
 }
 
-// d gate = dout * up * s * (1 + gate * (1 - s)), d up = dout * gate * s, with s = sigmoid(gate).
 torch::Tensor swiglu_backward(const torch::Tensor& grad_out, const torch::Tensor& gate_up) {
   check_gate_up(gate_up);
   const int64_t N = gate_up.size(0), F = gate_up.size(1) / 2;
@@ -61,27 +40,7 @@ torch::Tensor swiglu_backward(const torch::Tensor& grad_out, const torch::Tensor
   const float* DO = grad_out.data_ptr<float>();
   float* DGU = grad.data_ptr<float>();
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (int64_t n = begin; n < end; ++n) {
-      const float* g = GU + n * 2 * F;
-      const float* u = g + F;
-      const float* d = DO + n * F;
-      float* dg = DGU + n * 2 * F;
-      float* du = dg + F;
-      int64_t f = 0;
-      for (; f + 8 <= F; f += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + f), dv = _mm256_loadu_ps(d + f), s = sigmoid8(gv);
-        const __m256 ds = _mm256_mul_ps(dv, s);
-        _mm256_storeu_ps(du + f, _mm256_mul_ps(ds, gv));
-        const __m256 slope = _mm256_fmadd_ps(gv, _mm256_sub_ps(one, s), one);
-        _mm256_storeu_ps(dg + f, _mm256_mul_ps(_mm256_mul_ps(ds, _mm256_loadu_ps(u + f)), slope));
-      }
-      for (; f < F; ++f) {
-        const float s = sigmoid(g[f]), ds = d[f] * s;
-        du[f] = ds * g[f];
-        dg[f] = ds * u[f] * (1.0f + g[f] * (1.0f - s));
-      }
-    }
+    swiglu_rows_backward(DO + begin * F, GU + begin * 2 * F, DGU + begin * 2 * F, nullptr, end - begin, F);
   });
   return grad;
 }

@@ -10,8 +10,8 @@ from typing import Protocol
 
 from hanlin.config import ModelConfig
 from hanlin.models.causal_attention import causal_attention, kernel_applies
-from hanlin.models.layers import RMSNorm
-from hanlin.models.rope import apply_rope
+from hanlin.models.layers import RMSNorm, training_on_cpu
+from hanlin.models.rope import apply_rope, rope_qkv
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -62,6 +62,35 @@ class Attention(nn.Module):
         """key_start_BT: where mask_BQS is causal from a first key per query (documents, a window), that key."""
         B, T, _ = x_BTD.shape
         qkv = self.qkv_proj(x_BTD)
+        plain_kv = self.owns_kv and self.qk_norm == "none" and self.clip_qkv is None
+        if plain_kv and cache is None and training_on_cpu(qkv, cos_BTD, sin_BTD):
+            q_BHTD, k_BHTD, v_BHTD = rope_qkv(qkv, cos_BTD, sin_BTD, self.num_heads, self.num_kv_heads)
+            kv = (k_BHTD, v_BHTD)
+        else:
+            q_BHTD, kv = self._heads(qkv, cos_BTD, sin_BTD, cache, shared_kv)
+
+        if cache is not None:  # cross-layer-attention layers read the K/V their owner wrote this step
+            out_BTD = cache.attend(self.kv_layer, q_BHTD).transpose(1, 2).reshape(B, T, self.q_dim)
+            return self.o_proj(out_BTD), None
+        assert kv is not None, "a cross-layer-attention layer needs the previous layer's K/V"
+
+        k_BHSD, v_BHSD = kv
+        causal_rows = mask_BQS is None or key_start_BT is not None
+        if causal_rows and T > 1 and q_BHTD.requires_grad and kernel_applies(q_BHTD):  # training on CPU
+            out = causal_attention(q_BHTD, k_BHSD, v_BHSD, key_start_BT)
+        elif mask_BQS is None:
+            out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=T > 1, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(
+                q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_BQS[:, None], enable_gqa=True
+            )
+        out_BTD = out.transpose(1, 2).reshape(B, T, self.q_dim)
+        return self.o_proj(out_BTD), kv
+
+    def _heads(self, qkv: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor, cache: KVStore | None,
+               shared_kv: KV | None) -> tuple[torch.Tensor, KV | None]:
+        """Queries [B, H, T, D] and this layer's K/V (its own, written to the cache, or the shared ones)."""
+        B, T, _ = qkv.shape
         # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
         q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1) if self.owns_kv else (qkv, None, None)
         if self.qk_norm == "proj":
@@ -92,21 +121,4 @@ class Attention(nn.Module):
             kv = (k_BHTD, v_BHTD)
         else:
             kv = shared_kv
-
-        if cache is not None:  # cross-layer-attention layers read the K/V their owner wrote this step
-            out_BTD = cache.attend(self.kv_layer, q_BHTD).transpose(1, 2).reshape(B, T, self.q_dim)
-            return self.o_proj(out_BTD), None
-        assert kv is not None, "a cross-layer-attention layer needs the previous layer's K/V"
-
-        k_BHSD, v_BHSD = kv
-        causal_rows = mask_BQS is None or key_start_BT is not None
-        if causal_rows and T > 1 and q_BHTD.requires_grad and kernel_applies(q_BHTD):  # training on CPU
-            out = causal_attention(q_BHTD, k_BHSD, v_BHSD, key_start_BT)
-        elif mask_BQS is None:
-            out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=T > 1, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(
-                q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_BQS[:, None], enable_gqa=True
-            )
-        out_BTD = out.transpose(1, 2).reshape(B, T, self.q_dim)
-        return self.o_proj(out_BTD), kv
+        return q_BHTD, kv

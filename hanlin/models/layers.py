@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _training_on_cpu(x, self.weight):
+        if training_on_cpu(x, self.weight):
             return _RMSNormRows.apply(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def _training_on_cpu(*tensors: torch.Tensor) -> bool:
+def training_on_cpu(*tensors: torch.Tensor) -> bool:
     """Gradients wanted through these fp32 CPU tensors, with the compiled kernels built: training's kernels."""
     return (
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -62,7 +62,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if _training_on_cpu(gate_up):
+        if training_on_cpu(gate_up):
             return self.down_proj(_SwiGLUActivation.apply(gate_up))
         gate, up = gate_up.split(self.hidden, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hanlin.config import MoEConfig
-from hanlin.models import int8_experts
+from hanlin.models import expert_group, int8_experts
 from hanlin.models.layers import SwiGLU
 
 
@@ -109,8 +109,9 @@ class MoE(nn.Module):
         weights are read), then unsort and sum each token's k weighted outputs. `dropped` slots (id -1, weight
         0) sort last and get zero rows without running any expert.
 
-        Gathers only, no scatter-add, forward or backward (see _Gather, _Permute): on the 2-core CPUs, with
-        2 threads and a busy neighbour, one index_add_ of 8 rows was measured at ~100 ms (6 µs on 1 thread).
+        Training on CPU hands all of it to the compiled kernels (expert_group: experts side by side on threads).
+        Otherwise gathers only, no scatter-add, forward or backward (see _Gather, _Permute): on the 2-core CPUs,
+        with 2 threads and a busy neighbour, one index_add_ of 8 rows was measured at ~100 ms (6 µs on 1 thread).
         """
         N, D = x_ND.shape
         k = self.top_k
@@ -118,10 +119,12 @@ class MoE(nn.Module):
         if dropped:
             flat_ids = flat_ids.masked_fill(flat_ids < 0, self.num_experts)
         order = torch.argsort(flat_ids, stable=True)  # sorted position -> slot (token * k + j)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)  # slot -> sorted position
         counts_E = torch.bincount(flat_ids, minlength=self.num_experts)[: self.num_experts]
         self.last_tokens_per_expert = counts_E
+        if expert_group.kernel_applies(self.experts, x_ND):
+            return expert_group.expert_group(x_ND, weights_NK, order, counts_E.tolist(), self.experts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # slot -> sorted position
         active = [(expert_id, count) for expert_id, count in enumerate(counts_E.tolist()) if count]
         if not dropped and int8_experts.computes_int8(self.experts, x_ND):
             y_sorted = int8_experts.expert_outputs(self.experts, active, x_ND, order // k)

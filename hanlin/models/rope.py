@@ -7,6 +7,7 @@ import math
 import torch
 
 from hanlin.config import RopeConfig
+from hanlin.kernels import cpu_kernels
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -105,3 +106,24 @@ def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tenso
     half = x_BHTD.shape[-1] // 2
     signed_sin = torch.cat((-sin_BTD[..., :half], sin_BTD[..., half:]), dim=-1)
     return x_BHTD * cos_BTD[:, None] + x_BHTD.roll(half, dims=-1) * signed_sin[:, None]
+
+
+def rope_qkv(qkv_BTW: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor, heads: int,
+             kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training on CPU: the fused q/k/v projection [B, T, (H + 2 Hkv) D] -> (rotated q [B, H, T, D], rotated k and
+    v [B, Hkv, T, D]) by the compiled kernels (rope.cpp), one pass each way with the projection's gradient written
+    whole (apply_rope and a split take a mul, roll, mul and add per tensor each way, and a cat)."""
+    return _RopeQKV.apply(qkv_BTW.contiguous(), cos_BTD, sin_BTD, heads, kv_heads)
+
+
+class _RopeQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv_BTW, cos_BTD, sin_BTD, heads, kv_heads):
+        q_BHTD, k_BHTD, v_BHTD = cpu_kernels().rope_qkv_forward(qkv_BTW, cos_BTD, sin_BTD, heads, kv_heads)
+        ctx.save_for_backward(cos_BTD, sin_BTD)
+        return q_BHTD, k_BHTD, v_BHTD
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos_BTD, sin_BTD = ctx.saved_tensors
+        return cpu_kernels().rope_qkv_backward(grad_q, grad_k, grad_v, cos_BTD, sin_BTD), None, None, None, None
