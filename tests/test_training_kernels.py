@@ -69,7 +69,12 @@ def reference_attention(q, k, v, key_start):
     [(4, 4, 130, False, None), (6, 2, 97, False, None), (4, 2, 150, True, None), (4, 1, 70, True, 20),
      (2, 2, 1, False, None)],
 )
-def test_causal_attention_matches_sdpa(heads: int, kv_heads: int, T: int, documents: bool, window: int | None) -> None:
+@pytest.mark.parametrize("keep_probs", [0, 1000], ids=["recomputed", "kept"])  # the backward's probabilities
+def test_causal_attention_matches_sdpa(monkeypatch, heads: int, kv_heads: int, T: int, documents: bool,
+                                       window: int | None, keep_probs: int) -> None:
+    from hanlin.models import causal_attention as causal_attention_module
+
+    monkeypatch.setattr(causal_attention_module, "KEEP_PROBS_UP_TO", keep_probs)
     torch.manual_seed(0)
     B, D = 2, 16
     # [B, T, H, D] in memory, as the model's q/k/v views of its projections are

@@ -3,6 +3,7 @@
 Each query row i attends to keys key_start[b, i] .. i: 0 .. i for plain causal rows; packed documents and sliding
 windows move the start. Query blocks multiply only the keys they can see and keep their scores in cache between
 the GEMMs and the softmax, where ATen's CPU flash attention streams every key block through an online softmax.
+Short rows keep their probabilities from the forward for the backward (KEEP_PROBS_UP_TO).
 """
 
 from __future__ import annotations
@@ -47,19 +48,26 @@ def document_starts(document_ids_BT: torch.Tensor) -> torch.Tensor:
     return torch.where(first_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
 
 
+# The forward keeps its probabilities for the backward (which then skips recomputing q k^T and its exp) when they
+# take at most this many times q's elements: short rows, where they cost no more memory than the MLP's activations.
+KEEP_PROBS_UP_TO = 4
+
+
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_BHTD, k_BHTD, v_BHTD, key_start_BT):
         q_BHTD, k_BHTD, v_BHTD = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHTD, k_BHTD, v_BHTD))
-        out_BHTD, lse_BHT = cpu_kernels().causal_attention_forward(q_BHTD, k_BHTD, v_BHTD, key_start_BT)
-        ctx.save_for_backward(q_BHTD, k_BHTD, v_BHTD, out_BHTD, lse_BHT)
+        out_BHTD, lse_BHT, probs = cpu_kernels().causal_attention_forward(
+            q_BHTD, k_BHTD, v_BHTD, key_start_BT, KEEP_PROBS_UP_TO * q_BHTD.numel()
+        )
+        ctx.save_for_backward(q_BHTD, k_BHTD, v_BHTD, out_BHTD, lse_BHT, probs)
         ctx.key_start_BT = key_start_BT
         return out_BHTD
 
     @staticmethod
     def backward(ctx, grad_BHTD):
-        q_BHTD, k_BHTD, v_BHTD, out_BHTD, lse_BHT = ctx.saved_tensors
+        q_BHTD, k_BHTD, v_BHTD, out_BHTD, lse_BHT, probs = ctx.saved_tensors
         dq, dk, dv = cpu_kernels().causal_attention_backward(
-            grad_BHTD, q_BHTD, k_BHTD, v_BHTD, out_BHTD, lse_BHT, ctx.key_start_BT
+            grad_BHTD, q_BHTD, k_BHTD, v_BHTD, out_BHTD, lse_BHT, ctx.key_start_BT, probs
         )
         return dq, dk, dv, None
