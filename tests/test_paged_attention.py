@@ -92,3 +92,44 @@ def test_bad_inputs_are_refused_with_a_reason() -> None:
     outside[0, 0] = k_pool.shape[0] // 16
     with pytest.raises(RuntimeError, match="outside the pools"):
         kernels.paged_decode_attention(q, k_pool, v_pool, outside, lens, 16, 0)
+
+
+def prefill_reference(q_QHD, k_pool, v_pool, slots_S, window: int) -> torch.Tensor:
+    """Query row r (position S - Q + r) over positions [max(0, pos + 1 - window), pos] (all up to pos: window 0)."""
+    Q, H, Dh = q_QHD.shape
+    S = slots_S.shape[0]
+    rep = H // k_pool.shape[1]
+    kv_head = torch.arange(H) // rep
+    out = torch.empty_like(q_QHD)
+    for r in range(Q):
+        pos = S - Q + r
+        first = max(0, pos + 1 - window) if window else 0
+        rows = slots_S[first : pos + 1]
+        k, v = k_pool[rows][:, kv_head].double(), v_pool[rows][:, kv_head].double()
+        scores_HS = torch.einsum("shd,hd->hs", k, q_QHD[r].double()) / math.sqrt(Dh)
+        out[r] = torch.einsum("hs,shd->hd", torch.softmax(scores_HS, -1), v).float()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H, Hkv, Dh", [(9, 3, 64), (4, 4, 20), (6, 1, 32)])
+@pytest.mark.parametrize("S, Q, window", [(110, 70, 0), (40, 40, 0), (150, 130, 0), (150, 90, 50), (30, 1, 0)])
+def test_prefill_attention_over_the_pools_matches_the_reference(dtype, H, Hkv, Dh, S, Q, window) -> None:
+    """A prefill chunk (the last Q of S positions: a cached prefix before it, or none) with its positions' slots
+    scattered over the pools; more than one block of 64 query rows; windows; row sizes past the vector loop."""
+    gen = torch.Generator().manual_seed(S + Q + H)
+    k_pool = torch.randn(4 * S, Hkv, Dh, generator=gen).to(dtype)
+    v_pool = torch.randn(4 * S, Hkv, Dh, generator=gen).to(dtype)
+    slots_S = torch.randperm(4 * S, generator=gen)[:S].contiguous()
+    q_QHD = torch.randn(Q, H, Dh, generator=gen)
+    expected = prefill_reference(q_QHD, k_pool, v_pool, slots_S, window)
+    for threads in (1, 2):
+        with torch_threads(threads):
+            got = kernels.paged_prefill_attention(q_QHD, k_pool, v_pool, slots_S, window)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_attention_refuses_slots_outside_the_pools() -> None:
+    pool = torch.zeros(32, 2, 16)
+    with pytest.raises(RuntimeError, match="slots outside the pools"):
+        kernels.paged_prefill_attention(torch.zeros(3, 2, 16), pool, pool, torch.tensor([0, 5, 32]))

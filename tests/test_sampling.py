@@ -315,3 +315,22 @@ def test_stop_checker_without_stops_passes_text_through() -> None:
     checker = StopChecker([])
     assert checker.push("abc") == ("abc", False)
     assert checker.flush() == ""
+
+
+def test_argmax_rows_is_torch_argmax() -> None:
+    """The compiled kernels' greedy argmax: ties go to the first index, a NaN counts as the largest (its first
+    occurrence), all -inf gives 0; widths past the 8-wide vector loop."""
+    from hanlin.engine.sampling import argmax_rows
+    from hanlin.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("needs the compiled CPU kernels")
+    torch.manual_seed(0)
+    for width in (1, 7, 8, 13, 49152):
+        logits = torch.randn(6, width)
+        logits[1] = 3.0  # every value ties
+        logits[2, width // 2 :] = float("nan")  # NaNs after the largest value
+        logits[3] = float("-inf")
+        logits[4, -1] = 1e30
+        assert torch.equal(cpu_kernels().argmax_rows(logits), logits.argmax(dim=-1)), width
+        assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))

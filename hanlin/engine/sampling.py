@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hanlin.kernels import cpu_kernels
+
 
 class InvalidSamplingParam(ValueError):
     """A sampling parameter out of range; `field` is its SamplingParams field name."""
@@ -127,7 +129,7 @@ def sample(
         raise ValueError(f"{B} rows of logits but {len(params)} params and {len(generators)} generators")
     logits_BV = processed_logits(logits_BV, params, history, prompt_lengths)
 
-    next_B = logits_BV.argmax(dim=-1)
+    next_B = argmax_rows(logits_BV)
     sampled_rows = [b for b in range(B) if not params[b].greedy]
     if not sampled_rows:
         return next_B
@@ -301,3 +303,12 @@ class StopChecker:
                     longest = length
                     break
         return longest
+
+
+def argmax_rows(logits_BV: torch.Tensor) -> torch.Tensor:
+    """logits_BV.argmax(dim=-1); on fp32 CPU rows by the compiled kernels' two vector passes (argmax_rows.cpp):
+    16 x 49152 logits 0.65 -> ~0.05 ms on one core, where ATen carries an index through every comparison."""
+    kernels = cpu_kernels() if logits_BV.device.type == "cpu" and logits_BV.dtype == torch.float32 else None
+    if kernels is None or logits_BV.dim() != 2 or logits_BV.shape[1] == 0:
+        return logits_BV.argmax(dim=-1)
+    return kernels.argmax_rows(logits_BV.contiguous())

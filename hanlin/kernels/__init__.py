@@ -24,7 +24,7 @@ def _cpu_has_avx2_fma() -> bool:
 SOURCES = ("module.cpp", "qlinear.cpp", "decode.cpp", "int8_rows.cpp", "int8_experts.cpp", "attention_softmax.cpp",
            "vnni_gemm.cpp", "paged_attention.cpp", "cross_entropy.cpp",
            "causal_attention.cpp", "rms_norm.cpp", "swiglu.cpp", "moe_experts.cpp",
-           "rope.cpp")
+           "rope.cpp", "argmax_rows.cpp")
 
 
 @functools.cache

@@ -2,8 +2,8 @@
 //
 // Same math as hanlin/models (attention.py, layers.py, rope.py), in fp32, for a step that packs every
 // scheduled token of every sequence into rows [N, D]: single-token (decode) rows come first and read
-// their context straight from the paged KV pools; each multi-token (prefill) chunk gathers its context
-// and runs ATen's scaled_dot_product_attention, exactly as kv_cache.StepKV does.
+// their context straight from the paged KV pools; each multi-token (prefill) chunk too, by the BLAS sgemm
+// (paged_prefill_attention), with the same masks as kv_cache.StepKV's scaled_dot_product_attention.
 #include "decode.h"
 
 #include <ATen/Parallel.h>
@@ -118,11 +118,18 @@ struct StepPlan {
   std::vector<torch::Tensor> k_pools, v_pools;  // the paged cache: [slots, Hkv, Dh] per kv layer
 };
 
-// Attention of one prefill chunk: gather its context from the pools, then ATen's fused SDPA.
+// Attention of one prefill chunk: over the pools in place (paged_prefill_attention); without a BLAS sgemm, its
+// context gathered and ATen's fused SDPA.
 void chunk_attention(const StepPlan& plan, size_t c, const torch::Tensor& q_NHD, const torch::Tensor& k_pool,
                      const torch::Tensor& v_pool, torch::Tensor& out_NHD) {
   const int64_t start = plan.chunk_start[c], count = plan.chunk_count[c];
   const auto& slots = plan.chunk_slots[c];
+  const int64_t row = q_NHD.size(1) * q_NHD.size(2);
+  if (slots.scalar_type() == torch::kLong && slots.is_contiguous() &&
+      paged_prefill_attention(q_NHD.data_ptr<float>() + start * row, k_pool, v_pool, slots, count, plan.window,
+                              q_NHD.size(1), out_NHD.data_ptr<float>() + start * row)) {
+    return;
+  }
   auto q = q_NHD.narrow(0, start, count).transpose(0, 1).unsqueeze(0);           // [1, H, Q, D]
   auto k = k_pool.index_select(0, slots).to(torch::kFloat).transpose(0, 1).unsqueeze(0);  // [1, Hkv, S, D]
   auto v = v_pool.index_select(0, slots).to(torch::kFloat).transpose(0, 1).unsqueeze(0);

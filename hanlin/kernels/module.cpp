@@ -1,6 +1,7 @@
 // The `hanlin_cpu` extension: every compiled CPU kernel, each source file registering its own functions.
 #include <torch/extension.h>
 
+#include "argmax_rows.h"
 #include "attention_softmax.h"
 #include "causal_attention.h"
 #include "cross_entropy.h"
@@ -29,4 +30,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hanlin::register_swiglu(m);
   hanlin::register_moe_experts(m);
   hanlin::register_rope(m);
+  hanlin::register_argmax_rows(m);
 }

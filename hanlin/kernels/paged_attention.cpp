@@ -15,6 +15,7 @@
 #include <cmath>
 #include <vector>
 
+#include "blas.h"
 #include "simd.h"
 
 namespace hanlin {
@@ -179,7 +180,72 @@ void decode_attention(const float* q, const T* kp, const T* vp, const int32_t* t
   });
 }
 
+constexpr int64_t kPrefillRows = 64;
+
+template <typename T>
+void to_floats(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// One prefill chunk: work items are (kv head, block of kPrefillRows query rows). Each gathers the keys and values its
+// rows can see into fp32 rows once, then for each query head sharing them multiplies scores, softmax and values with
+// the BLAS sgemm (see prefill_attention in paged_attention.h).
+template <typename T>
+void prefill_attention(const float* q, const T* kp, const T* vp, const int64_t* slots, int64_t S, int64_t count,
+                       int64_t window, int64_t H, int64_t Hkv, int64_t Dh, float* out) {
+  const int64_t p0 = S - count, group = H / Hkv, blocks = (count + kPrefillRows - 1) / kPrefillRows;
+  const int64_t row_stride = H * Dh;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
+  auto first_key = [&](int64_t r) { return window > 0 ? std::max<int64_t>(0, p0 + r + 1 - window) : int64_t{0}; };
+  at::parallel_for(0, Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> keys, values, scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / blocks, r0 = item % blocks * kPrefillRows, r1 = std::min(count, r0 + kPrefillRows);
+      const int64_t rows = r1 - r0, c0 = first_key(r0), cols = p0 + r1 - c0;
+      keys.resize(cols * Dh);
+      values.resize(cols * Dh);
+      scores.resize(rows * cols);
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t at = (slots[c0 + j] * Hkv + g) * Dh;
+        to_floats(kp + at, keys.data() + j * Dh, Dh);
+        to_floats(vp + at, values.data() + j * Dh, Dh);
+      }
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        gemm(false, true, rows, cols, Dh, scale, q + r0 * row_stride + h * Dh, row_stride, keys.data(), Dh, 0.0f,
+             scores.data(), cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = scores.data() + r * cols;
+          const int64_t lo = first_key(r0 + r) - c0, hi = p0 + r0 + r + 1 - c0;  // visible keys [lo, hi)
+          std::fill(row, row + lo, 0.0f);
+          const float sum = softmax_in_place(row + lo, hi - lo);
+          scale_(row + lo, hi - lo, 1.0f / sum);
+          std::fill(row + hi, row + cols, 0.0f);
+        }
+        gemm(false, false, rows, Dh, cols, 1.0f, scores.data(), cols, values.data(), Dh, 0.0f,
+             out + r0 * row_stride + h * Dh, row_stride);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+bool paged_prefill_attention(const float* q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                             const torch::Tensor& slots, int64_t count, int64_t window, int64_t H, float* out) {
+  if (sgemm() == nullptr) return false;
+  const int64_t S = slots.size(0), Hkv = k_pool.size(1), Dh = k_pool.size(2);
+  const int64_t* slot_rows = slots.data_ptr<int64_t>();
+  if (k_pool.scalar_type() == torch::kHalf) {
+    prefill_attention<c10::Half>(q, k_pool.data_ptr<c10::Half>(), v_pool.data_ptr<c10::Half>(), slot_rows, S, count,
+                                 window, H, Hkv, Dh, out);
+  } else {
+    prefill_attention<float>(q, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), slot_rows, S, count, window, H,
+                             Hkv, Dh, out);
+  }
+  return true;
+}
 
 void paged_decode_attention(const float* q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                             const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t block_size,
@@ -198,6 +264,32 @@ void paged_decode_attention(const float* q, const torch::Tensor& k_pool, const t
 }
 
 void register_paged_attention(pybind11::module& m) {
+  m.def(
+      "paged_prefill_attention",
+      [](const torch::Tensor& q_QHD, const torch::Tensor& k_pool, const torch::Tensor& v_pool, const torch::Tensor& slots,
+         int64_t window) {
+        TORCH_CHECK(q_QHD.dim() == 3 && q_QHD.scalar_type() == torch::kFloat && q_QHD.is_contiguous(),
+                    "q: contiguous float32 [Q, H, Dh]");
+        TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() && k_pool.is_contiguous() &&
+                        v_pool.is_contiguous() && k_pool.scalar_type() == v_pool.scalar_type() &&
+                        (k_pool.scalar_type() == torch::kFloat || k_pool.scalar_type() == torch::kHalf),
+                    "k_pool, v_pool: contiguous float32 or float16 [slots, Hkv, Dh] of one shape");
+        TORCH_CHECK(q_QHD.size(2) == k_pool.size(2) && q_QHD.size(1) % k_pool.size(1) == 0,
+                    "q's head size must be the pools', and its heads a multiple of their kv heads");
+        TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == torch::kLong && slots.is_contiguous() &&
+                        slots.size(0) >= q_QHD.size(0),
+                    "slots: contiguous int64 [S], S >= the query rows");
+        TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < k_pool.size(0)),
+                    "slots outside the pools");
+        TORCH_CHECK(window >= 0, "window >= 0");
+        auto out = torch::empty_like(q_QHD);
+        TORCH_CHECK(paged_prefill_attention(q_QHD.data_ptr<float>(), k_pool, v_pool, slots, q_QHD.size(0), window,
+                                            q_QHD.size(1), out.data_ptr<float>()),
+                    "no BLAS sgemm in this PyTorch build");
+        return out;
+      },
+      pybind11::arg("q"), pybind11::arg("k_pool"), pybind11::arg("v_pool"), pybind11::arg("slots"),
+      pybind11::arg("window") = 0);
   m.def(
       "paged_decode_attention",
       [](const torch::Tensor& q_GHD, const torch::Tensor& k_pool, const torch::Tensor& v_pool,

@@ -10,7 +10,6 @@ from torch import nn
 from hanlin.kernels import cpu_kernels
 from hanlin.models.int8_linear import (
     Int8Terms,
-    QuantizedRows,
     int8_gemm_is_exact,
     int8_linear_rows,
     int8_terms,
@@ -36,7 +35,6 @@ __all__ = ["F32_PANELS", "Q4", "Q8", "SCHEMES", "QuantEmbedding", "QuantLinear",
 
 KIND_NAMES = {Q8: "int8", Q4: "4-bit", F32_PANELS: "fp32 panels"}
 FALLBACK_CHUNK_BYTES = 8 << 20  # fp32 weight rows dequantized at once by the pure-PyTorch path
-DECODE_ROWS = 4  # qlinear.cpp kFusedMaxRows: up to this many rows, qlinear quantizes them per 32 (decode)
 
 
 def _fp32_weight(layer: "QuantLinear | QuantEmbedding") -> torch.Tensor:
@@ -63,29 +61,23 @@ class QuantLinear(nn.Module):
         self.register_buffer("mins", packed.mins.to(torch.float16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self.int8_activations = False
-        self.int8_two_pass = False
         self.int8_vnni = None  # hanlin/kernels/vnni_gemm.h's VnniWeight, for decode-sized batches
         if self.kind == F32_PANELS:
             _state_dict_holds_the_weight(self)
 
-    def use_int8_activations(self, *, two_pass: bool = False) -> None:
+    def use_int8_activations(self) -> None:
         """The w8a8 scheme: each input row is quantized to int8 (its own scale and zero point) and multiplied
-        in int8 at every batch size (one row's result never depends on the others), where _int_mm is exact
-        (int8_gemm_is_exact) and the kernels are built; elsewhere the layer stays weight-only. Up to
-        VNNI_MAX_ROWS rows on a CPU with AVX512-VNNI, the kernels' VNNI GEMM over a second, VNNI-laid copy of the
-        weight (int8_vnni) multiplies them; longer inputs go through torch._int_mm (oneDNN). 1 thread, the
-        embedded model's 30 MLPs: 1 row 4.8 ms against _int_mm's 10.0, 16 rows 11.7 against 20.8.
-
-        two_pass, for an input that could not be smoothed (a tied lm_head's): each row is quantized a second
-        time, its rounding error this time, and both go through the one GEMM, ~16-bit activations for twice
-        the rows. Batches of at most DECODE_ROWS rows then stay on qlinear's decode kernel, faster there."""
+        in int8 (one row's result never depends on the others), where _int_mm is exact (int8_gemm_is_exact) and
+        the kernels are built; elsewhere the layer stays weight-only. Up to VNNI_MAX_ROWS rows on a CPU with
+        AVX512-VNNI, the kernels' VNNI GEMM over a second, VNNI-laid copy of the weight (int8_vnni) multiplies
+        them; longer inputs go through torch._int_mm (oneDNN). 1 thread, the embedded model's 30 MLPs: 1 row
+        4.8 ms against _int_mm's 10.0, 16 rows 11.7 against 20.8."""
         if self.kind != Q8 or self.group != self.in_features:
             raise ValueError("int8 activations need an int8 weight with one scale per output channel")
         terms = int8_terms(self.qdata, self.scales, self.bias)
         for name, value in zip(Int8Terms._fields, terms):
             self.register_buffer(f"int8_{name}", value, persistent=False)
         self.int8_activations = True
-        self.int8_two_pass = two_pass
         self.int8_vnni = vnni_weight(self.qdata)
 
     def int8_terms(self) -> Int8Terms:
@@ -96,18 +88,10 @@ class QuantLinear(nn.Module):
         return (
             self.int8_activations and x_NK.dtype == torch.float32 and x_NK.device.type == "cpu"
             and not x_NK.requires_grad and cpu_kernels() is not None and int8_gemm_is_exact()
-            and not (self.int8_two_pass and x_NK.shape[0] <= DECODE_ROWS)
         )
 
     def _int8_linear(self, x_NK: torch.Tensor) -> torch.Tensor:
-        rows = quantize_rows(x_NK)
-        if not self.int8_two_pass:
-            return int8_linear_rows(rows, self.qdata, self.int8_terms(), self.int8_vnni)
-        error_NK = x_NK - (rows.q.float() - rows.zero[:, None]) * rows.scale[:, None]
-        both = QuantizedRows(*(torch.cat(pair) for pair in zip(rows, quantize_rows(error_NK))))
-        y_2NM = int8_linear_rows(both, self.qdata, self.int8_terms(), self.int8_vnni)
-        y_NM = y_2NM[: len(x_NK)].add_(y_2NM[len(x_NK):])
-        return y_NM if self.bias is None else y_NM.sub_(self.bias)  # each half added the bias
+        return int8_linear_rows(quantize_rows(x_NK), self.qdata, self.int8_terms(), self.int8_vnni)
 
     @classmethod
     def int8(cls, linear: nn.Linear) -> "QuantLinear":
@@ -165,7 +149,6 @@ class QuantLinear(nn.Module):
             return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]}"
         grouping = "per channel" if self.group == self.in_features else f"group {self.group}"
         activations = ", int8 activations" if self.int8_activations else ""
-        activations += " in two passes" if self.int8_two_pass else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]} {grouping}{activations}"
 
 
@@ -284,12 +267,16 @@ def _quantize_w8a8(model: nn.Module, min_out_features: int) -> int:
 
     if not isinstance(model, Transformer) or not isinstance(model.lm_head, nn.Linear):
         raise ValueError("w8a8 quantizes a hanlin Transformer that still has its fp32 nn.Linear weights")
-    tied = model.lm_head.weight is model.embed_tokens.weight
+    if model.lm_head.weight is model.embed_tokens.weight:
+        # Untied (the int8 embedding then has its own table), so the lm_head's columns can take the final norm's
+        # smoothing and go through one int8 pass. Kept tied, unsmoothed, it needed two passes (each row's rounding
+        # error quantized again: twice the GEMM): 16 rows 6.6 -> 3.6 ms on 1 thread; perplexity +0.54% -> +1.21%.
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     smooth_activations(model)
     replaced = quantize_model(model, "int8", min_out_features=min_out_features)
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.kind == Q8:
-            module.use_int8_activations(two_pass=tied and module is model.lm_head)
+            module.use_int8_activations()
     return replaced
 
 
