@@ -127,15 +127,8 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& q, cons
         const int64_t c0 = s.block_start(b, r0, r1), cols = r1 - c0;
         float* S = kept ? kept + layout.at(b, h, r0) : scores.data();
         gemm(false, true, rows, cols, s.D, s.scale, Q.at(b, h, r0), Q.sT, K.at(b, g, c0), K.sT, 0.0f, S, cols);
-        for (int64_t i = r0; i < r1; ++i) {
-          float* row = S + (i - r0) * cols;
-          const int64_t lo = s.start(b, i) - c0, hi = i - c0 + 1;  // valid keys [lo, hi)
-          std::fill(row, row + lo, 0.0f);
-          float top;
-          const float sum = softmax_in_place(row + lo, hi - lo, &top);
-          scale_(row + lo, hi - lo, 1.0f / sum);
-          std::fill(row + hi, row + cols, 0.0f);
-          LSE[(b * s.H + h) * s.T + i] = top + std::log(sum);
+        for (int64_t i = r0; i < r1; ++i) {  // valid keys [start - c0, i - c0 + 1)
+          LSE[(b * s.H + h) * s.T + i] = softmax_span_(S + (i - r0) * cols, cols, s.start(b, i) - c0, i - c0 + 1);
         }
         gemm(false, false, rows, s.D, cols, 1.0f, S, cols, V.at(b, g, c0), V.sT, 0.0f, O.at(b, h, r0), O.sT);
       }
@@ -193,11 +186,7 @@ std::vector<torch::Tensor> causal_attention_backward(const torch::Tensor& grad_o
               for (; j < hi; ++j) row[j] = std::exp(row[j] - LSE[(b * s.H + h) * s.T + i]);
               std::fill(row + hi, row + cols, 0.0f);
             }
-            const float* o = O.at(b, h, i);
-            const float* d = dO.at(b, h, i);
-            float dot = 0.0f;
-            for (int64_t e = 0; e < s.D; ++e) dot += o[e] * d[e];
-            delta[i - r0] = dot;
+            delta[i - r0] = dot(O.at(b, h, i), dO.at(b, h, i), s.D);
           }
           // dV[c0:r1] += P^T dO;  dP = dO V^T
           gemm(true, false, cols, s.D, rows, 1.0f, P, cols, dO.at(b, h, r0), dO.sT, 1.0f, dV.at(b, g, c0), dV.sT);

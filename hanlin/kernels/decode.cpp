@@ -66,14 +66,6 @@ Linear make_linear(int64_t kind, torch::Tensor qdata, torch::Tensor scales, torc
   return linear;
 }
 
-// dst[0..n) = src, rounded to T
-template <typename T>
-void store_row(const float* src, T* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
 // out = weight * x / sqrt(mean(x^2) + eps), like models.layers.RMSNorm.
 void rms_norm_row(const float* x, const float* weight, float eps, float* out, int64_t n) {
   const float inv = 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
@@ -235,11 +227,11 @@ class FusedLayer {
         for (int64_t i = 0; i < kv_dim; ++i) v_row[i] = clipped(row[q_dim + kv_dim + i]);
         const int64_t at = slots[n] * kv_dim;
         if (half) {
-          store_row(k_row.data(), static_cast<c10::Half*>(kp) + at, kv_dim);
-          store_row(v_row.data(), static_cast<c10::Half*>(vp) + at, kv_dim);
+          convert_row(k_row.data(), static_cast<c10::Half*>(kp) + at, kv_dim);
+          convert_row(v_row.data(), static_cast<c10::Half*>(vp) + at, kv_dim);
         } else {
-          store_row(k_row.data(), static_cast<float*>(kp) + at, kv_dim);
-          store_row(v_row.data(), static_cast<float*>(vp) + at, kv_dim);
+          convert_row(k_row.data(), static_cast<float*>(kp) + at, kv_dim);
+          convert_row(v_row.data(), static_cast<float*>(vp) + at, kv_dim);
         }
       }
     });

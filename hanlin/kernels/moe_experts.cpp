@@ -125,22 +125,6 @@ void for_each_expert(const Group& g, const Run& run) {
 // Scratch rows, left uninitialised: every element is written before it is read.
 inline std::unique_ptr<float[]> scratch(int64_t size) { return std::unique_ptr<float[]>(new float[size]); }
 
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-  const __m256 a8 = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a8, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
-inline float dot(const float* x, const float* y, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
-  float sum = hsum(acc);
-  for (; i < n; ++i) sum += x[i] * y[i];
-  return sum;
-}
-
 }  // namespace
 
 // x [N, D], weights [N, K] -> (out [N, D], x_sorted [S, D], gate_up_sorted [S, 2I], y_sorted [S, D]); the last three

@@ -182,13 +182,6 @@ void decode_attention(const float* q, const T* kp, const T* vp, const int32_t* t
 
 constexpr int64_t kPrefillRows = 64;
 
-template <typename T>
-void to_floats(const T* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
-}
-
 // One prefill chunk: work items are (kv head, block of kPrefillRows query rows). Each gathers the keys and values its
 // rows can see into fp32 rows once, then for each query head sharing them multiplies scores, softmax and values with
 // the BLAS sgemm (see prefill_attention in paged_attention.h).
@@ -209,19 +202,14 @@ void prefill_attention(const float* q, const T* kp, const T* vp, const int64_t* 
       scores.resize(rows * cols);
       for (int64_t j = 0; j < cols; ++j) {
         const int64_t at = (slots[c0 + j] * Hkv + g) * Dh;
-        to_floats(kp + at, keys.data() + j * Dh, Dh);
-        to_floats(vp + at, values.data() + j * Dh, Dh);
+        convert_row(kp + at, keys.data() + j * Dh, Dh);
+        convert_row(vp + at, values.data() + j * Dh, Dh);
       }
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         gemm(false, true, rows, cols, Dh, scale, q + r0 * row_stride + h * Dh, row_stride, keys.data(), Dh, 0.0f,
              scores.data(), cols);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = scores.data() + r * cols;
-          const int64_t lo = first_key(r0 + r) - c0, hi = p0 + r0 + r + 1 - c0;  // visible keys [lo, hi)
-          std::fill(row, row + lo, 0.0f);
-          const float sum = softmax_in_place(row + lo, hi - lo);
-          scale_(row + lo, hi - lo, 1.0f / sum);
-          std::fill(row + hi, row + cols, 0.0f);
+        for (int64_t r = 0; r < rows; ++r) {  // visible keys [first_key - c0, own position - c0]
+          softmax_span_(scores.data() + r * cols, cols, first_key(r0 + r) - c0, p0 + r0 + r + 1 - c0);
         }
         gemm(false, false, rows, Dh, cols, 1.0f, scores.data(), cols, values.data(), Dh, 0.0f,
              out + r0 * row_stride + h * Dh, row_stride);

@@ -36,18 +36,11 @@ std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch:
     for (int64_t n = begin; n < end; ++n) {
       const float* xr = X + n * D;
       float* yr = Y + n * D;
-      __m256 sum8 = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8) {
-        const __m256 v = _mm256_loadu_ps(xr + d);
-        sum8 = _mm256_fmadd_ps(v, v, sum8);
-      }
-      float sum = hsum(sum8);
-      for (; d < D; ++d) sum += xr[d] * xr[d];
-      const float rstd = 1.0f / std::sqrt(sum / D + static_cast<float>(eps));
+      const float rstd = 1.0f / std::sqrt(dot(xr, xr, D) / D + static_cast<float>(eps));
       R[n] = rstd;
       const __m256 rstd8 = _mm256_set1_ps(rstd);
-      for (d = 0; d + 8 <= D; d += 8) {
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) {
         _mm256_storeu_ps(yr + d, _mm256_mul_ps(_mm256_loadu_ps(W + d), _mm256_mul_ps(_mm256_loadu_ps(xr + d), rstd8)));
       }
       for (; d < D; ++d) yr[d] = W[d] * (xr[d] * rstd);

@@ -22,42 +22,29 @@ struct Heads {
 };
 
 // out[i] = x[i] c[i] - x[i + half] s[i], out[i + half] = x[i + half] c[i + half] + x[i] s[i + half] (i < half).
+// kTranspose: the rotation's transpose, which takes a gradient back: out[i] = x[i] c[i] + x[i + half] s[i + half],
+// out[i + half] = x[i + half] c[i + half] - x[i] s[i].
+template <bool kTranspose>
 inline void rotate(const float* x, float* out, const float* c, const float* s, int64_t D) {
   const int64_t half = D / 2;
+  const float* s_lo = kTranspose ? s + half : s;  // times x[i + half], into out[i]
+  const float* s_hi = kTranspose ? s : s + half;  // times x[i], into out[i + half]
+  const float sign = kTranspose ? 1.0f : -1.0f;   // of out[i]'s sine term; out[i + half]'s has the other
   int64_t i = 0;
   if (half % 8 == 0) {
+    const __m256 sign8 = _mm256_set1_ps(sign), minus_sign8 = _mm256_set1_ps(-sign);
     for (; i < half; i += 8) {
       const __m256 lo = _mm256_loadu_ps(x + i), hi = _mm256_loadu_ps(x + half + i);
-      _mm256_storeu_ps(out + i, _mm256_fnmadd_ps(hi, _mm256_loadu_ps(s + i), _mm256_mul_ps(lo, _mm256_loadu_ps(c + i))));
-      _mm256_storeu_ps(out + half + i, _mm256_fmadd_ps(lo, _mm256_loadu_ps(s + half + i),
+      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(hi, _mm256_mul_ps(sign8, _mm256_loadu_ps(s_lo + i)),
+                                                _mm256_mul_ps(lo, _mm256_loadu_ps(c + i))));
+      _mm256_storeu_ps(out + half + i, _mm256_fmadd_ps(lo, _mm256_mul_ps(minus_sign8, _mm256_loadu_ps(s_hi + i)),
                                                        _mm256_mul_ps(hi, _mm256_loadu_ps(c + half + i))));
     }
   }
   for (; i < half; ++i) {
     const float lo = x[i], hi = x[half + i];
-    out[i] = lo * c[i] - hi * s[i];
-    out[half + i] = hi * c[half + i] + lo * s[half + i];
-  }
-}
-
-// The rotation's transpose, for the gradient: dx[i] = g[i] c[i] + g[i + half] s[i + half],
-// dx[i + half] = g[i + half] c[i + half] - g[i] s[i].
-inline void rotate_grad(const float* g, float* dx, const float* c, const float* s, int64_t D) {
-  const int64_t half = D / 2;
-  int64_t i = 0;
-  if (half % 8 == 0) {
-    for (; i < half; i += 8) {
-      const __m256 lo = _mm256_loadu_ps(g + i), hi = _mm256_loadu_ps(g + half + i);
-      _mm256_storeu_ps(dx + i, _mm256_fmadd_ps(hi, _mm256_loadu_ps(s + half + i),
-                                               _mm256_mul_ps(lo, _mm256_loadu_ps(c + i))));
-      _mm256_storeu_ps(dx + half + i, _mm256_fnmadd_ps(lo, _mm256_loadu_ps(s + i),
-                                                       _mm256_mul_ps(hi, _mm256_loadu_ps(c + half + i))));
-    }
-  }
-  for (; i < half; ++i) {
-    const float lo = g[i], hi = g[half + i];
-    dx[i] = lo * c[i] + hi * s[half + i];
-    dx[half + i] = hi * c[half + i] - lo * s[i];
+    out[i] = lo * c[i] + sign * hi * s_lo[i];
+    out[half + i] = hi * c[half + i] - sign * lo * s_hi[i];
   }
 }
 
@@ -97,8 +84,8 @@ std::vector<torch::Tensor> rope_qkv_forward(const torch::Tensor& qkv, const torc
       const float* x = X + row * L.W;
       const float* c = C + b * cB + t * cT;
       const float* s = S + b * sB + t * sT;
-      for (int64_t h = 0; h < H; ++h) rotate(x + h * L.D, Q + (row * H + h) * L.D, c, s, L.D);
-      for (int64_t h = 0; h < Hkv; ++h) rotate(x + (H + h) * L.D, K + (row * Hkv + h) * L.D, c, s, L.D);
+      for (int64_t h = 0; h < H; ++h) rotate<false>(x + h * L.D, Q + (row * H + h) * L.D, c, s, L.D);
+      for (int64_t h = 0; h < Hkv; ++h) rotate<false>(x + (H + h) * L.D, K + (row * Hkv + h) * L.D, c, s, L.D);
       std::copy_n(x + (H + Hkv) * L.D, Hkv * L.D, V + row * Hkv * L.D);
     }
   });
@@ -129,8 +116,8 @@ torch::Tensor rope_qkv_backward(const torch::Tensor& dq, const torch::Tensor& dk
       float* g = G + row * L.W;
       const float* c = C + b * cB + t * cT;
       const float* s = S + b * sB + t * sT;
-      for (int64_t h = 0; h < H; ++h) rotate_grad(gQ.at(b, h, t), g + h * L.D, c, s, L.D);
-      for (int64_t h = 0; h < Hkv; ++h) rotate_grad(gK.at(b, h, t), g + (H + h) * L.D, c, s, L.D);
+      for (int64_t h = 0; h < H; ++h) rotate<true>(gQ.at(b, h, t), g + h * L.D, c, s, L.D);
+      for (int64_t h = 0; h < Hkv; ++h) rotate<true>(gK.at(b, h, t), g + (H + h) * L.D, c, s, L.D);
       for (int64_t h = 0; h < Hkv; ++h) std::copy_n(gV.at(b, h, t), L.D, g + (H + Hkv + h) * L.D);
     }
   });

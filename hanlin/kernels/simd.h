@@ -68,6 +68,14 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
+// dst[0..n) = src, each value converted (float, float16 or bfloat16 either way; rounded to nearest even)
+template <typename S, typename D>
+void convert_row(const S* src, D* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<D>(to_float(src[i]));
+}
+
 // sum a[i] * b[i]; b: float, float16 or bfloat16
 template <typename T>
 float dot(const float* a, const T* b, int64_t n) {
@@ -129,6 +137,16 @@ inline void scale_(float* x, int64_t n, float factor) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), factor8));
   for (; i < n; ++i) x[i] *= factor;
+}
+
+// row[lo, hi) = the softmax of those values, the rest of row[0, cols) zero (masked keys); returns their log-sum-exp.
+inline float softmax_span_(float* row, int64_t cols, int64_t lo, int64_t hi) {
+  std::fill(row, row + lo, 0.0f);
+  float top;
+  const float sum = softmax_in_place(row + lo, hi - lo, &top);
+  scale_(row + lo, hi - lo, 1.0f / sum);
+  std::fill(row + hi, row + cols, 0.0f);
+  return top + std::log(sum);
 }
 
 }  // namespace hanlin
